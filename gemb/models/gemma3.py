@@ -1,0 +1,127 @@
+"""The Gemma 3 transformer: bidirectional by default (the encoder), causal as an option.
+
+Layer layout. With scan_layers, the layers are grouped in periods of the attention pattern
+(5 local + 1 global for Gemma 3) and nn.scan runs over the periods; the parameters of period
+slot k live under "scanned_layers/layer_{k}" with a leading "layers" axis of length
+num_layers // 6. Layers left over after the last whole period (e.g. 2 of the 1B's 26) are
+unscanned and keep upstream names "layer_{i}" with their global index i. With scan_layers off,
+every layer is "layer_{i}" exactly as in upstream Gemma. gemb/checkpoints/layout.py converts
+between the two.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+from flax import linen as nn
+
+from gemb.models import attention, layers
+from gemb.models.config import AttentionType, TransformerConfig
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+class Block(nn.Module):
+    """Pre-norm attention and MLP, each followed by its post-norm before the residual add."""
+
+    config: TransformerConfig
+    attention_type: AttentionType
+
+    @nn.compact
+    def __call__(self, x, positions, masks):
+        cfg = self.config
+        norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)  # noqa
+        attended = attention.Attention(cfg, self.attention_type, name="attn")(
+            norm("pre_attention_norm")(x), positions, masks[self.attention_type.value])
+        attended = checkpoint_name(attended, "attn_out")
+        x = x + norm("post_attention_norm")(attended)
+        mlp_out = layers.FeedForward(cfg.embed_dim, cfg.hidden_dim, cfg.dtype, cfg.param_dtype,
+                                     name="mlp")(norm("pre_ffw_norm")(x))
+        x = x + norm("post_ffw_norm")(mlp_out)
+        return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
+
+
+def _maybe_remat(block_cls, config: TransformerConfig):
+    if config.remat_policy == "none":
+        return block_cls
+    if config.remat_policy not in _REMAT_POLICIES:
+        raise ValueError(f"remat_policy={config.remat_policy!r}; choose 'none' or one of "
+                         f"{sorted(_REMAT_POLICIES)}.")
+    # prevent_cse is only needed outside scan (scan already stops CSE across iterations).
+    return nn.remat(block_cls, policy=_REMAT_POLICIES[config.remat_policy],
+                    prevent_cse=not config.scan_layers)
+
+
+class Period(nn.Module):
+    """One period of the attention pattern: the unit nn.scan iterates over."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, positions, masks):
+        block_cls = _maybe_remat(Block, self.config)
+        for slot, attention_type in enumerate(self.config.attention_pattern):
+            x = block_cls(self.config, attention_type, name=f"layer_{slot}")(x, positions, masks)
+        return x, None
+
+
+class Transformer(nn.Module):
+    """tokens [B, L] -> final-normed hidden states [B, L, D] (and tied-embedding logits)."""
+
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embedder = layers.Embedder(cfg.vocab_size, cfg.embed_dim, cfg.dtype, cfg.param_dtype)
+        if cfg.num_scanned_periods:
+            scanned = nn.scan(
+                Period,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_scanned_periods,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            self.scanned_layers = scanned(cfg)
+        types = cfg.layer_attention_types()
+        first_unscanned = cfg.num_scanned_periods * len(cfg.attention_pattern)
+        block_cls = _maybe_remat(Block, cfg)
+        self.unscanned_layers = [
+            block_cls(cfg, types[i], name=f"layer_{i}") for i in range(first_unscanned, cfg.num_layers)
+        ]
+        self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, return_logits: bool = False):
+        """Args:
+          tokens: int [B, L].
+          segment_ids: int [B, L]; 0 marks padding, 1, 2, ... the examples packed in a row.
+            Defaults to one segment over every position (no padding).
+          positions: int [B, L]; defaults to positions restarting at 0 in every segment.
+          return_logits: also return [B, L, vocab] logits from the tied embedding.
+        """
+        cfg = self.config
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length]; got shape {tokens.shape}.")
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens, jnp.int32)
+        if positions is None:
+            positions = attention.positions_from_segments(segment_ids)
+        masks = attention.attention_masks(segment_ids, cfg.attention_mode, cfg.sliding_window_size)
+
+        x = self.embedder.encode(tokens)
+        x = layers.constrain(x, ("act_batch", "act_length", "act_embed"))
+        if cfg.num_scanned_periods:
+            x, _ = self.scanned_layers(x, positions, masks)
+        for block in self.unscanned_layers:
+            x = block(x, positions, masks)
+        hidden = self.final_norm(x)
+        if return_logits:
+            return hidden, self.embedder.decode(hidden)
+        return hidden
