@@ -1,0 +1,86 @@
+"""A converted model folder: config + orbax params + tokenizer, loaded in seconds.
+
+Layout of DIR (written once by `gemb convert`, read by embed, eval and train's init_from):
+  gemb_model.json   the EncoderConfig, where the weights came from, the head's init seed
+  params/           orbax checkpoint of {"transformer": ..., "head": ...} in gemb's layout
+  tokenizer.model   SentencePiece model (or tokenizer.json for tokenizer.json sources)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gemb.models.config import AttentionType, EncoderConfig, TransformerConfig
+
+CONFIG_FILENAME = "gemb_model.json"
+PARAMS_DIRNAME = "params"
+
+
+def encoder_config_to_dict(config: EncoderConfig) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    data["transformer"]["attention_pattern"] = [t.value for t in config.transformer.attention_pattern]
+    return data
+
+
+def encoder_config_from_dict(data: dict[str, Any]) -> EncoderConfig:
+    transformer = dict(data["transformer"])
+    transformer["attention_pattern"] = tuple(AttentionType(t) for t in transformer["attention_pattern"])
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = set(transformer) - fields
+    if unknown:
+        raise ValueError(f"model config has unknown transformer fields {sorted(unknown)}; it was "
+                         "written by a newer gemb.")
+    rest = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "transformer"}
+    return EncoderConfig(transformer=TransformerConfig(**transformer), **rest)
+
+
+def save_model_dir(out_dir: str | os.PathLike, config: EncoderConfig, params: Any,
+                   metadata: dict[str, Any]) -> Path:
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params_dir = out_dir / PARAMS_DIRNAME
+    if params_dir.exists():
+        raise FileExistsError(f"{params_dir} already exists; choose a new --out folder or delete it.")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(params_dir, jax.tree_util.tree_map(np.asarray, params))
+    checkpointer.wait_until_finished()
+    record = {"encoder": encoder_config_to_dict(config), **metadata}
+    (out_dir / CONFIG_FILENAME).write_text(json.dumps(record, indent=2) + "\n")
+    return out_dir
+
+
+def read_model_config(model_dir: str | os.PathLike) -> tuple[EncoderConfig, dict[str, Any]]:
+    model_dir = Path(model_dir)
+    config_file = model_dir / CONFIG_FILENAME
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{model_dir} is not a gemb model folder (no {CONFIG_FILENAME}); create one with "
+            "`gemb convert --from FILE_OR_DIR --out DIR`.")
+    record = json.loads(config_file.read_text())
+    return encoder_config_from_dict(record["encoder"]), record
+
+
+def load_params(model_dir: str | os.PathLike, abstract_params: Any | None = None) -> Any:
+    """Restore params; with abstract_params (ShapeDtypeStructs carrying shardings) they are
+    restored directly into that placement, e.g. sharded over a mesh."""
+    params_dir = Path(model_dir).absolute() / PARAMS_DIRNAME
+    if not params_dir.is_dir():
+        raise FileNotFoundError(f"{params_dir} is missing; the model folder is incomplete. "
+                                "Convert the model again with `gemb convert`.")
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        if abstract_params is None:
+            return checkpointer.restore(params_dir)
+        return checkpointer.restore(params_dir, abstract_params)
+    except Exception as error:
+        raise ValueError(
+            f"Cannot restore parameters from {params_dir} ({type(error).__name__}: {error}). "
+            "The checkpoint is damaged or belongs to another model; convert it again.") from error

@@ -1,0 +1,27 @@
+"""`gemb <command> ...`: one entry point, each command implemented in its own module."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> module with main(argv) -> int; imported lazily so `gemb embed` never loads TF.
+COMMANDS = {
+    "convert": ("gemb.checkpoints.convert", "GGUF / HF safetensors -> gemb model folder"),
+    "embed": ("gemb.embed", "texts -> embeddings (.npy)"),
+    "eval": ("gemb.eval.cli", "score a model on MTEB-style tasks"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+        print("usage: gemb <command> [args]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

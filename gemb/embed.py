@@ -1,0 +1,213 @@
+"""Batch inference: texts -> embeddings, as a Python API and as `gemb embed`.
+
+    from gemb.embed import load_encoder
+    encoder = load_encoder("models/gemma3-270m", dim=768)
+    vectors = encoder.encode(["first text", "second text"])          # [2, 768], L2-normalised
+
+Texts are tokenised (BOS + ids, as Gemma's tokenizer does), sorted by length and cut into
+batches whose length is rounded up to a bucket, so jit compiles one program per bucket instead
+of one per batch. Without a task the texts are encoded as given; with a task, the task's
+template (gemb/data/templates.py) is applied by role (query or document).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from tqdm import tqdm
+
+from gemb.checkpoints import model_dir as model_dir_lib
+from gemb.models import encoder as encoder_lib
+from gemb.models.config import EncoderConfig
+from gemb.partitioning import mesh as mesh_lib
+from gemb.partitioning import partitioner as partitioner_lib
+from gemb.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MIN_BUCKET = 16
+
+
+def length_bucket(length: int, max_length: int) -> int:
+    """Next power of two (at least MIN_BUCKET), capped at max_length."""
+    return min(max_length, max(MIN_BUCKET, 1 << math.ceil(math.log2(max(length, 1)))))
+
+
+class TextEncoder:
+    """Holds a model's params on the devices and encodes lists of texts."""
+
+    def __init__(self, config: EncoderConfig, params: Any, tokenizer: Tokenizer, *,
+                 dim: int | None = None, head: bool = True, batch_size: int = 32,
+                 max_length: int = 1024, on_overlong: str = "truncate", task: str | None = None,
+                 partitioner: partitioner_lib.Partitioner | None = None):
+        if on_overlong not in ("truncate", "error"):
+            raise ValueError(f"on_overlong={on_overlong!r}; use 'truncate' or 'error'.")
+        if head and dim is not None and not 0 < dim <= config.embedding_dim:
+            raise ValueError(f"dim={dim} does not fit this model's {config.embedding_dim}-wide "
+                             f"embedding; use a Matryoshka width such as {config.matryoshka_dims}.")
+        if not head and dim is not None:
+            raise ValueError("dim applies to the projected embedding; with head=False (--head none) "
+                             "the pooled hidden state is returned whole. Drop --dim.")
+        if max_length > config.transformer.max_length:
+            raise ValueError(f"max_length={max_length} exceeds the model's "
+                             f"{config.transformer.max_length} positions.")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.dim = dim or config.embedding_dim
+        self.head = head
+        self.max_length = max_length
+        self.on_overlong = on_overlong
+        self.task = task
+        self.partitioner = partitioner or partitioner_lib.Partitioner(mesh_lib.create_mesh())
+        # A multiple of the data-parallel size, so every device gets whole rows.
+        shards = self.partitioner.data_parallel_size
+        self.batch_size = max(shards, -(-batch_size // shards) * shards)
+        self.params = params
+        self.truncated_count = 0
+        self._model = encoder_lib.Encoder(config)
+        self._forward = jax.jit(self._forward_impl)
+
+    def _forward_impl(self, params, tokens, segment_ids):
+        with self.partitioner.activation_context():
+            out = self._model.apply({"params": params}, tokens, segment_ids)
+        if not self.head:
+            return out["pooled"][:, 0]
+        projected = out["projected"][:, 0, : self.dim]
+        return projected * jax.lax.rsqrt(
+            jnp.maximum(jnp.sum(projected * projected, axis=-1, keepdims=True), 1e-12))
+
+    def format(self, texts: Sequence[str], role: str | None) -> list[str]:
+        if self.task is None:
+            return list(texts)
+        from gemb.data import templates
+
+        return [templates.apply_template(self.task, role or "query", text) for text in texts]
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        ids = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is a {type(text).__name__}, not a str; convert it first.")
+            if not text.strip():
+                raise ValueError(f"text {i} is empty or only whitespace; an empty text has no "
+                                 "meaning to embed. Remove it or replace it with real text.")
+            tokens = self.tokenizer.encode(text)
+            if len(tokens) > self.max_length:
+                if self.on_overlong == "error":
+                    raise ValueError(
+                        f"text {i} has {len(tokens)} tokens, more than max_length="
+                        f"{self.max_length}; raise max_length (--max-length) or allow truncation "
+                        "(--on-overlong truncate).")
+                self.truncated_count += 1
+                tokens = tokens[: self.max_length]
+            ids.append(tokens)
+        return ids
+
+    def encode(self, texts: Sequence[str], role: str | None = None,
+               progress: bool | None = None) -> np.ndarray:
+        """[len(texts), dim] float32 embeddings, in the order of texts."""
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of texts; wrap a single text in a list.")
+        truncated_before = self.truncated_count
+        token_lists = self.tokenize(self.format(texts, role))
+        if self.truncated_count > truncated_before:
+            log.warning("%d of %d texts were longer than max_length=%d tokens and were truncated.",
+                        self.truncated_count - truncated_before, len(texts), self.max_length)
+        width = self.config.transformer.embed_dim if not self.head else self.dim
+        result = np.zeros((len(token_lists), width), np.float32)
+        order = np.argsort([len(t) for t in token_lists], kind="stable")
+        starts = range(0, len(order), self.batch_size)
+        show = progress if progress is not None else len(starts) > 4
+        for start in tqdm(starts, desc="embed", unit="batch", disable=not show):
+            chosen = order[start:start + self.batch_size]
+            length = length_bucket(max(len(token_lists[i]) for i in chosen), self.max_length)
+            tokens = np.zeros((self.batch_size, length), np.int32)
+            segments = np.zeros((self.batch_size, length), np.int32)
+            for row, i in enumerate(chosen):
+                tokens[row, : len(token_lists[i])] = token_lists[i]
+                segments[row, : len(token_lists[i])] = 1
+            batch = self.partitioner.shard_batch((tokens, segments))
+            vectors = np.asarray(self._forward(self.params, *batch))
+            result[chosen] = vectors[: len(chosen)]
+        return result
+
+
+def load_encoder(model_dir: str | Path, *, dim: int | None = None, head: bool = True,
+                 batch_size: int = 32, max_length: int = 1024, on_overlong: str = "truncate",
+                 task: str | None = None,
+                 partitioner: partitioner_lib.Partitioner | None = None) -> TextEncoder:
+    """A TextEncoder for a folder written by `gemb convert` (or exported by training)."""
+    config, _ = model_dir_lib.read_model_config(model_dir)
+    partitioner = partitioner or partitioner_lib.Partitioner(mesh_lib.create_mesh())
+    model = encoder_lib.Encoder(config)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    shardings = partitioner.param_shardings(boxed["params"])
+    abstract = jax.tree_util.tree_map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        nn.unbox(boxed["params"]), nn.unbox(shardings))
+    params = model_dir_lib.load_params(model_dir, abstract)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    return TextEncoder(config, params, tokenizer, dim=dim, head=head, batch_size=batch_size,
+                       max_length=max_length, on_overlong=on_overlong, task=task,
+                       partitioner=partitioner)
+
+
+def read_texts(path: Path, field: str) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--input {path} does not exist.")
+    if path.suffix == ".jsonl":
+        texts = []
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number} is not valid JSON ({error}).") from error
+                if field not in record:
+                    raise ValueError(f"{path}:{number} has no {field!r} field (fields: "
+                                     f"{sorted(record)}); pass --text-field NAME.")
+                texts.append(record[field])
+        return texts
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gemb embed", description="Embed texts with a gemb model.")
+    parser.add_argument("--model", required=True, help="model folder (gemb convert / training export)")
+    parser.add_argument("--input", required=True, type=Path, help=".txt (a text per line) or .jsonl")
+    parser.add_argument("--output", required=True, type=Path, help="where to write the .npy array")
+    parser.add_argument("--task", default=None, help="apply this task's template (see gemb/data/templates.py)")
+    parser.add_argument("--role", default="query", choices=["query", "document"])
+    parser.add_argument("--dim", type=int, default=None, help="Matryoshka width (default: the full embedding)")
+    parser.add_argument("--head", default="projection", choices=["projection", "none"],
+                        help="'none': mean-pooled hidden states before the projection head")
+    parser.add_argument("--text-field", default="text", help="the text field of .jsonl records")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--on-overlong", default="truncate", choices=["truncate", "error"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    texts = read_texts(args.input, args.text_field)
+    start = time.time()
+    encoder = load_encoder(args.model, dim=args.dim, head=args.head != "none",
+                           batch_size=args.batch_size, max_length=args.max_length,
+                           on_overlong=args.on_overlong, task=args.task)
+    vectors = encoder.encode(texts, role=args.role, progress=True)
+    np.save(args.output, vectors)
+    print(f"wrote {vectors.shape} to {args.output} in {time.time() - start:.1f} s"
+          + (f" ({encoder.truncated_count} texts truncated)" if encoder.truncated_count else ""),
+          file=sys.stderr)
+    return 0
