@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets==4.9.10",
     "gin-config==0.5.0",
     "sentencepiece==0.2.3",
+    "tokenizers",  # tokenizer.json models (gemb/tokenizer.py)
     "protobuf",
     "gguf==0.19.0",
     "numpy",

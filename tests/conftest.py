@@ -26,3 +26,28 @@ def gemma3_270m_gguf():
     from gemb.checkpoints import import_gguf
 
     return import_gguf.default_gemma3_270m_gguf()
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_upstream(gemma3_270m_gguf):
+    """(TransformerConfig, upstream param tree) of the real 270M weights, read once per session."""
+    from gemb.checkpoints import import_gguf
+
+    return import_gguf.load_gguf(gemma3_270m_gguf)
+
+
+@pytest.fixture(scope="session")
+def hf_gemma3_270m_causal_lm(gemma3_270m_gguf):
+    """transformers' Gemma3ForCausalLM loaded from the same GGUF, fp32 (the parity reference)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gemma3_270m_gguf.parent), gguf_file=gemma3_270m_gguf.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_gemma3_270m_tokenizer(gemma3_270m_gguf):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(
+        str(gemma3_270m_gguf.parent), gguf_file=gemma3_270m_gguf.name)

@@ -1,9 +1,10 @@
 """Attention masks and grouped-query attention with QK-norm.
 
 Masks are boolean [batch, query, key] arrays built once per forward pass and shared by all
-layers of one type. Segment ids (0 = padding, 1.. = packed examples) keep packed examples apart;
-the sliding window is symmetric (|i - j| < w) in bidirectional mode, as in EmbeddingGemma, and
-one-sided (0 <= i - j < w) in causal mode, as in the Gemma 3 LM.
+layers of one type. Segment ids (0 = padding, 1.. = packed examples) keep packed examples apart.
+Local layers see keys within `window_reach` tokens: one-sided (0 <= i - j <= reach) in causal
+mode, as in the Gemma 3 LM, and symmetric (|i - j| <= reach) in bidirectional mode; see
+TransformerConfig.bidirectional_window for how the reach is chosen.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from gemb.models.config import AttentionType, TransformerConfig
 _MASKED_LOGIT = -2.3819763e38
 
 
-def attention_masks(segment_ids: jax.Array, mode: str, sliding_window_size: int
+def attention_masks(segment_ids: jax.Array, mode: str, window_reach: int
                     ) -> dict[str, jax.Array]:
     """Boolean [B, T, S] masks for global and local (sliding-window) layers, by type value."""
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
@@ -29,9 +30,9 @@ def attention_masks(segment_ids: jax.Array, mode: str, sliding_window_size: int
     offset = index[:, None] - index[None, :]  # query index minus key index
     if mode == "causal":
         allowed = allowed & (offset >= 0)[None]
-        window = offset < sliding_window_size
+        window = offset <= window_reach
     elif mode == "bidirectional":
-        window = jnp.abs(offset) < sliding_window_size
+        window = jnp.abs(offset) <= window_reach
     else:
         raise ValueError(f"attention mode {mode!r}; use 'bidirectional' or 'causal'.")
     return {AttentionType.GLOBAL.value: allowed,

@@ -50,6 +50,12 @@ class TransformerConfig:
     max_length: int = 32_768
     # "bidirectional" for the encoder (the recipe); "causal" for LM parity and decoding.
     attention_mode: Literal["bidirectional", "causal"] = "bidirectional"
+    # How a local layer's window opens up when the mask becomes bidirectional. "split" keeps the
+    # number of keys a query sees (about the window size) by reaching w // 2 tokens to each side,
+    # |i - j| <= w // 2: EmbeddingGemma's trained setting and transformers' Gemma3 with
+    # use_bidirectional_attention. "full" reaches w - 1 tokens to each side, |i - j| < w (twice
+    # the keys the LM was trained with).
+    bidirectional_window: Literal["split", "full"] = "split"
     scan_layers: bool = True
     remat_policy: RematPolicy = "none"
     # Compute dtype of activations; parameters are kept in param_dtype (fp32 master weights).
@@ -62,6 +68,9 @@ class TransformerConfig:
                 f"{self.name}: num_heads={self.num_heads} is not a multiple of "
                 f"num_kv_heads={self.num_kv_heads}; grouped-query attention needs whole groups."
             )
+        if self.bidirectional_window not in ("split", "full"):
+            raise ValueError(f"{self.name}: bidirectional_window={self.bidirectional_window!r}; "
+                             "use 'split' or 'full'.")
         if self.attention_mode not in ("bidirectional", "causal"):
             raise ValueError(
                 f"{self.name}: attention_mode={self.attention_mode!r}; use 'bidirectional' or 'causal'."
@@ -78,6 +87,13 @@ class TransformerConfig:
     @property
     def num_remainder_layers(self) -> int:
         return self.num_layers - self.num_scanned_periods * len(self.attention_pattern)
+
+    @property
+    def local_window_reach(self) -> int:
+        """Largest |i - j| a local layer attends over (one-sided reach in causal mode)."""
+        if self.attention_mode == "bidirectional" and self.bidirectional_window == "split":
+            return self.sliding_window_size // 2
+        return self.sliding_window_size - 1
 
     @property
     def query_scale(self) -> float:

@@ -113,7 +113,7 @@ class Transformer(nn.Module):
             segment_ids = jnp.ones_like(tokens, jnp.int32)
         if positions is None:
             positions = attention.positions_from_segments(segment_ids)
-        masks = attention.attention_masks(segment_ids, cfg.attention_mode, cfg.sliding_window_size)
+        masks = attention.attention_masks(segment_ids, cfg.attention_mode, cfg.local_window_reach)
 
         x = self.embedder.encode(tokens)
         x = layers.constrain(x, ("act_batch", "act_length", "act_embed"))

@@ -1,0 +1,179 @@
+"""Gradient caching: a contrastive step whose memory does not grow with the global batch.
+
+An in-batch-negative loss couples every example with every other, so the naive step keeps the
+encoder activations of the whole global batch alive until the backward pass. Gradient caching
+(Gao et al., 2021) splits the step in three, all inside one traced function:
+
+  1. embed the batch chunk by chunk (lax.map), keeping only the embeddings, not activations;
+  2. compute the loss on the full embeddings and its gradient w.r.t. those embeddings
+     (and w.r.t. any parameters the loss owns, e.g. a learnt temperature);
+  3. re-run each chunk under jax.vjp and pull that chunk's embedding gradient back to the
+     parameters, summing over chunks (lax.scan).
+
+The result equals the full-batch gradient exactly (up to float summation order) at the cost of
+one extra encoder forward pass; peak memory holds one chunk's activations plus the embeddings
+and the logits of the global batch.
+
+Chunk c takes the rows c, c + n, c + 2n, ... (n = number of chunks), not a contiguous block.
+When the batch axis is sharded over devices in contiguous blocks (as jit does with a
+NamedSharding on the batch), this keeps every chunk spread over all devices, so each device
+works on every chunk instead of one device holding a whole chunk.
+
+With dropout or other randomness, chunk c is embedded with jax.random.fold_in(rng, c) in both
+passes so the re-run reproduces the first pass; a full-batch step with the same rng draws
+different masks, so the two agree in distribution, not bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+# embed_fn(params, batch, rng) -> embeddings pytree whose leaves have the batch as leading axis.
+EmbedFn = Callable[[PyTree, PyTree, jax.Array | None], PyTree]
+# loss_fn(params, embeddings, batch) -> (scalar loss, metrics dict).
+LossFn = Callable[[PyTree, PyTree, PyTree], tuple[jax.Array, dict[str, jax.Array]]]
+ValueAndGradFn = Callable[..., tuple[tuple[jax.Array, dict[str, jax.Array]], PyTree]]
+
+
+def global_batch_size(batch: PyTree) -> int:
+    """The leading-axis size shared by every leaf of the batch; errors when they disagree."""
+    sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(batch)}
+    if len(sizes) != 1 or None in sizes:
+        shapes = jax.tree.map(lambda leaf: leaf.shape, batch)
+        raise ValueError(
+            "every batch feature must have the global batch as its leading axis, got shapes "
+            f"{shapes}; reshape per-batch scalars to [batch] or pass them outside the batch."
+        )
+    return sizes.pop()
+
+
+def _split_into_chunks(tree: PyTree, num_chunks: int) -> PyTree:
+    """[B, ...] -> [num_chunks, B // num_chunks, ...], chunk c holding rows c, c + n, ..."""
+
+    def split(x):
+        x = x.reshape((x.shape[0] // num_chunks, num_chunks) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(split, tree)
+
+
+def _merge_chunks(tree: PyTree) -> PyTree:
+    """Inverse of `_split_into_chunks`."""
+
+    def merge(x):
+        x = jnp.swapaxes(x, 0, 1)
+        return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+    return jax.tree.map(merge, tree)
+
+
+def _chunk_rng(rng: jax.Array | None, chunk_index: jax.Array) -> jax.Array | None:
+    return None if rng is None else jax.random.fold_in(rng, chunk_index)
+
+
+def _accumulation_dtype(dtype) -> jnp.dtype:
+    # bf16 parameter gradients summed over many chunks would drop low-order bits each time.
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def gradient_cached_value_and_grad(
+    embed_fn: EmbedFn, loss_fn: LossFn, chunk_size: int
+) -> ValueAndGradFn:
+    """Returns f(params, batch, rng=None) -> ((loss, metrics), grads), computed in chunks.
+
+    Args:
+      embed_fn: embed_fn(params, chunk_batch, rng) -> embeddings pytree (e.g. a dict with
+        'query' [b, E], 'positive' [b, E], 'negatives' [b, K, E]) for a chunk of b rows.
+        It must treat rows independently (no batch statistics), as an encoder does.
+      loss_fn: loss_fn(params, embeddings, batch) -> (loss, metrics) on the global batch.
+        `params` lets the loss own parameters (a learnt temperature); ignore it otherwise.
+      chunk_size: rows embedded at once; must divide the global batch.
+
+    The returned function is pure and meant to be traced inside one jit together with the
+    optimizer update. Its gradients equal those of `full_batch_value_and_grad`.
+    """
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+
+    def value_and_grad(params, batch, rng=None):
+        batch_size = global_batch_size(batch)
+        if batch_size % chunk_size:
+            raise ValueError(
+                f"the global batch of {batch_size} is not divisible by the gradient-cache "
+                f"chunk_size={chunk_size}; pick a chunk_size that divides the batch size "
+                "(or a batch size that is a multiple of it)."
+            )
+        num_chunks = batch_size // chunk_size
+        chunks = _split_into_chunks(batch, num_chunks)
+        chunk_indices = jnp.arange(num_chunks)
+
+        # Pass 1: embeddings only. Nothing here is differentiated, so no activation outlives
+        # its chunk's iteration.
+        def embed_chunk(args):
+            index, chunk = args
+            return embed_fn(params, chunk, _chunk_rng(rng, index))
+
+        embeddings = _merge_chunks(jax.lax.map(embed_chunk, (chunk_indices, chunks)))
+        embeddings = jax.lax.stop_gradient(embeddings)
+        not_float = {
+            jax.tree_util.keystr(path): leaf.dtype
+            for path, leaf in jax.tree_util.tree_leaves_with_path(embeddings)
+            if not jnp.issubdtype(leaf.dtype, jnp.floating)
+        }
+        if not_float:
+            raise ValueError(
+                f"embed_fn returned non-float outputs {not_float}; the gradient cache "
+                "differentiates every output, so return only the embedding arrays and read "
+                "masks and other features from the batch in loss_fn."
+            )
+
+        # The loss on the whole global batch, and the gradient cache: dL/d(embeddings).
+        (loss, metrics), (loss_param_grads, embedding_grads) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True
+        )(params, embeddings, batch)
+
+        # Pass 2: re-embed each chunk and back-propagate its slice of the cache.
+        def accumulate(grad_sum, args):
+            index, chunk, embedding_cotangent = args
+            _, pull_back = jax.vjp(
+                lambda p: embed_fn(p, chunk, _chunk_rng(rng, index)), params
+            )
+            (chunk_grads,) = pull_back(embedding_cotangent)
+            grad_sum = jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, chunk_grads)
+            return grad_sum, None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, _accumulation_dtype(p.dtype)), params)
+        encoder_grads, _ = jax.lax.scan(
+            accumulate,
+            zeros,
+            (chunk_indices, chunks, _split_into_chunks(embedding_grads, num_chunks)),
+        )
+        grads = jax.tree.map(
+            lambda p, encoder_grad, loss_grad: (encoder_grad + loss_grad).astype(p.dtype),
+            params,
+            encoder_grads,
+            loss_param_grads,
+        )
+        return (loss, metrics), grads
+
+    return value_and_grad
+
+
+def full_batch_value_and_grad(embed_fn: EmbedFn, loss_fn: LossFn) -> ValueAndGradFn:
+    """The plain step: embed the whole batch at once and differentiate end to end.
+
+    Same interface as `gradient_cached_value_and_grad`; fine for small batches, and the
+    reference the cached gradients are tested against.
+    """
+
+    def value_and_grad(params, batch, rng=None):
+        def total_loss(params):
+            return loss_fn(params, embed_fn(params, batch, rng), batch)
+
+        return jax.value_and_grad(total_loss, has_aux=True)(params)
+
+    return value_and_grad
