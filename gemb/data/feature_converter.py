@@ -1,0 +1,458 @@
+"""Token ids of a batch -> the model's input arrays, padded or packed, with static shapes.
+
+A batch holds B examples of one task; each has a query, a positive and K hard-negative slots
+(some possibly empty). Each role (query, positive, negatives) becomes its own block of token rows
+for the encoder; per-example arrays say where each example's embedding lands in the encoder's
+[R, S, E] output and carry what the loss needs.
+
+Features (numpy; R, L, S are per role and change only between buckets):
+
+  {role}_tokens        int32 [R, L]  token ids; BOS first (bos_id) and EOS last (eos_id) if set;
+                                     pad_id on padding
+  {role}_segment_ids   int32 [R, L]  1..S for the examples of a row, 0 on padding
+  {role}_positions     int32 [R, L]  0, 1, ... restarting in every segment; 0 on padding
+  {role}_segment_mask  bool  [R, S]  True where a (row, segment) slot holds an example. Its
+                                     shape gives the encoder's static num_segments = S.
+  query_slot           int32 [B]     flat index row * S + (segment - 1) of each query's slot:
+                                     query_embeddings = encoder(...).reshape(R*S, E)[query_slot]
+  positive_slot        int32 [B]     the same for positives
+  negative_slot        int32 [B, K]  the same for negatives (0 where negative_mask is False)
+  negative_mask        bool  [B, K]  True where the example has that hard negative
+  query_hash           int32 [B]     hash of the final token ids (duplicate mask of the loss)
+  positive_hash        int32 [B]
+  negative_hash        int32 [B, K]  (0 where negative_mask is False)
+
+with {role} in (query, positive, negatives). Padded mode: R = B for query and positive,
+R = B * K for negatives (row b * K + k; empty slots are all-padding rows), S = 1 and
+L = the smallest length bucket holding the role's longest example. Packed mode: examples of a
+role share rows of length L, at most S = `segments_per_row` per row (first-fit decreasing);
+L is the length bucket, among a few at or above the longest example's, that needs the fewest
+token positions, and R is the number of rows used rounded up to a row bucket; absent negatives
+take no slot. K = 0 (pair tasks) gives negatives blocks with zero rows: skip that
+tower. With `num_negatives` set, every task's K is padded (or cut) to it, so all tasks share K.
+
+Shapes depend on the batch only through the layout (`plan`): a multi-host trainer must make all
+hosts agree on one layout (elementwise max of every host's `plan`, e.g. with
+jax.experimental.multihost_utils.process_allgather) and pass it to `convert`; a single host can
+let `convert` plan for itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Optional, Sequence
+
+import gin
+import numpy as np
+
+ROLES = ("query", "positive", "negatives")
+
+# Gemma 3's special tokens (the embedding convention is BOS + ids, no EOS).
+GEMMA_BOS_ID = 2
+GEMMA_EOS_ID = 1
+GEMMA_PAD_ID = 0
+
+
+@dataclasses.dataclass
+class RoleTokens:
+    """Token ids of n texts: concatenated `values` and per-text `lengths` (0 = absent)."""
+
+    values: np.ndarray  # int32 [sum(lengths)]
+    lengths: np.ndarray  # int64 [n]
+
+    @classmethod
+    def from_lists(cls, sequences: Sequence[Sequence[int]]) -> "RoleTokens":
+        lengths = np.array([len(s) for s in sequences], np.int64)
+        values = np.concatenate([np.asarray(s, np.int32) for s in sequences]) if len(sequences) else np.zeros(0, np.int32)
+        return cls(values.astype(np.int32, copy=False), lengths)
+
+    def sequences(self) -> list[np.ndarray]:
+        return np.split(self.values, np.cumsum(self.lengths)[:-1]) if len(self.lengths) else []
+
+
+@dataclasses.dataclass
+class TokenBatch:
+    """B examples of one task as token ids: the batcher's output, the converter's input."""
+
+    query: RoleTokens  # n = B
+    positive: RoleTokens  # n = B
+    negatives: RoleTokens  # n = B * K, example b's slots at b*K .. b*K+K-1
+    num_negatives: np.ndarray  # int32 [B]: used leading slots of each example
+    task: str = ""
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.query.lengths)
+
+    @property
+    def negatives_per_example(self) -> int:
+        return len(self.negatives.lengths) // max(self.batch_size, 1)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class FeatureConverterConfig:
+    """How token ids become model rows.
+
+    Attributes:
+      query_length / document_length: most tokens of a query / document row entry, special
+        tokens included (longer texts are cut).
+      pack: pack several examples per row (segment ids) instead of one example per row.
+      length_buckets: allowed row lengths; None = powers of two from min_length up to the
+        role's maximum (plus the maximum itself).
+      min_length: the smallest automatic bucket.
+      segments_per_row: S in packed mode.
+      row_multiple: packed row counts are multiples of this (e.g. the local device count).
+      row_buckets_per_octave: packed row counts are rounded up so that at most this many
+        distinct counts fall in each power-of-two range (8: at most 12.5% padding rows).
+      bos_id / eos_id: prepended / appended when not None.
+      pad_id: token id on padding.
+      num_negatives: pad (or cut) every task's K to this; None keeps each task's own K.
+    """
+
+    query_length: int = 512
+    document_length: int = 512
+    pack: bool = False
+    length_buckets: Optional[tuple[int, ...]] = None
+    min_length: int = 16
+    segments_per_row: int = 16
+    row_multiple: int = 1
+    row_buckets_per_octave: int = 8
+    bos_id: Optional[int] = GEMMA_BOS_ID
+    eos_id: Optional[int] = None
+    pad_id: int = GEMMA_PAD_ID
+    num_negatives: Optional[int] = None
+
+    def __post_init__(self):
+        if self.length_buckets is not None:
+            object.__setattr__(self, "length_buckets", tuple(sorted(int(b) for b in self.length_buckets)))
+        specials = self.num_special_tokens
+        for name in ("query_length", "document_length"):
+            if getattr(self, name) <= specials:
+                raise ValueError(f"{name}={getattr(self, name)} leaves no room for text after {specials} special tokens")
+        if self.segments_per_row < 1 or self.row_multiple < 1 or self.row_buckets_per_octave < 1:
+            raise ValueError("segments_per_row, row_multiple and row_buckets_per_octave must be >= 1")
+
+    @property
+    def num_special_tokens(self) -> int:
+        return int(self.bos_id is not None) + int(self.eos_id is not None)
+
+    def max_length(self, role: str) -> int:
+        return self.query_length if role == "query" else self.document_length
+
+    def task_feature_lengths(self) -> dict:
+        """The text lengths a task should trim to (seqio sequence_length form)."""
+        specials = self.num_special_tokens
+        return {
+            "query": self.query_length - specials,
+            "positive": self.document_length - specials,
+            "negatives": [None, self.document_length - specials],
+        }
+
+    def buckets(self, role: str) -> tuple[int, ...]:
+        maximum = self.max_length(role)
+        if self.length_buckets is not None:
+            chosen = tuple(b for b in self.length_buckets if b < maximum) + (maximum,)
+            return chosen
+        out = []
+        length = self.min_length
+        while length < maximum:
+            out.append(length)
+            length *= 2
+        return tuple(out) + (maximum,)
+
+
+def _bucket(value: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if value <= b:
+            return b
+    return buckets[-1]
+
+
+def round_up_rows(rows: int, row_multiple: int, per_octave: int) -> int:
+    """Row count bucket: a multiple of row_multiple, few distinct values per power of two."""
+    rows = max(rows, 1)
+    units = math.ceil(rows / row_multiple)
+    step = max(1, 2 ** max(0, units.bit_length() - 1 - int(math.log2(per_octave))))
+    return int(math.ceil(units / step) * step * row_multiple)
+
+
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    """Offset of each text in the concatenated values."""
+    return (np.cumsum(lengths) - lengths).astype(np.int64)
+
+
+_HASH_BASE = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads every input bit over the output (x is uint64)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def token_hashes(tokens: RoleTokens) -> np.ndarray:
+    """int32 hash of each text's token ids; 0 for absent (length 0) texts.
+
+    Equal id sequences always hash equal; unequal ones collide with probability ~2^-32, which
+    at worst masks one in-batch negative. Vectorised: a polynomial hash mod 2^64 per text.
+    """
+    lengths = tokens.lengths
+    count = len(lengths)
+    if count == 0:
+        return np.zeros(0, np.int32)
+    starts = _starts(lengths)
+    positions = np.arange(len(tokens.values), dtype=np.int64) - np.repeat(starts, lengths)
+    with np.errstate(over="ignore"):
+        powers = _mix64(positions.astype(np.uint64) + np.uint64(1))
+        terms = (tokens.values.astype(np.int64).astype(np.uint64) + np.uint64(1)) * powers
+        prefix = np.concatenate([[np.uint64(0)], np.cumsum(terms, dtype=np.uint64)])
+        ends = starts + lengths
+        sums = prefix[ends] - prefix[starts]
+        hashed = _mix64(sums ^ (lengths.astype(np.uint64) * _HASH_BASE))
+    folded = (hashed ^ (hashed >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
+    result = folded.astype(np.uint32).view(np.int32).copy()
+    result[lengths == 0] = 0
+    return result
+
+
+class FeatureConverter:
+    """Turns `TokenBatch`es into model features (see the module docstring)."""
+
+    def __init__(self, config: FeatureConverterConfig = FeatureConverterConfig()):
+        self.config = config
+
+    # -- special tokens and trimming ----------------------------------------------------------
+
+    def _finalize(self, tokens: RoleTokens, role: str) -> RoleTokens:
+        """Cuts each text to fit, then adds BOS/EOS to every present text (length > 0)."""
+        cfg = self.config
+        room = cfg.max_length(role) - cfg.num_special_tokens
+        lengths = tokens.lengths
+        present = lengths > 0
+        kept = np.minimum(lengths, room)
+        starts = _starts(lengths)
+        new_lengths = np.where(present, kept + cfg.num_special_tokens, 0).astype(np.int64)
+        new_starts = _starts(new_lengths)
+        out = np.empty(int(new_lengths.sum()), np.int32)
+        if cfg.bos_id is not None:
+            out[new_starts[present]] = cfg.bos_id
+        if cfg.eos_id is not None:
+            out[(new_starts + new_lengths - 1)[present]] = cfg.eos_id
+        offset = int(cfg.bos_id is not None)
+        # Every kept text token: its source index and its destination index.
+        within = np.arange(int(kept.sum()), dtype=np.int64) - np.repeat(_starts(kept), kept)
+        source = np.repeat(starts, kept) + within
+        dest = np.repeat(new_starts + offset, kept) + within
+        out[dest] = tokens.values[source]
+        return RoleTokens(out, new_lengths)
+
+    # -- layout -------------------------------------------------------------------------------
+
+    def _pack(self, lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """First-fit decreasing: (row, start column, segment id) per text, and rows used.
+
+        Texts are placed longest first (ties in index order), each into the first row with room
+        for it and fewer than S segments. Texts of equal length are placed together: first fit
+        fills each row that still takes one of them to the brim before moving on, so a whole
+        group is a cumulative sum over the rows' capacities (vectorised, ~50x faster than a
+        loop over texts). Absent texts (length 0) get row -1.
+        """
+        segments = self.config.segments_per_row
+        count = len(lengths)
+        row = np.full(count, -1, np.int64)
+        start = np.zeros(count, np.int64)
+        segment = np.zeros(count, np.int64)
+        present = np.flatnonzero(lengths > 0)
+        if len(present) == 0:
+            return row, start, segment, 0
+        order = present[np.lexsort((present, -lengths[present]))]
+        group_starts = np.flatnonzero(np.diff(lengths[order])) + 1
+        free = np.zeros(0, np.int64)
+        used = np.zeros(0, np.int64)
+        for group in np.split(order, group_starts):
+            n = int(lengths[group[0]])
+            if n > capacity:
+                raise ValueError(f"a text of {n} tokens does not fit a packed row of {capacity}")
+            # Existing rows, in order, each take as many as fit.
+            room = np.maximum(np.minimum(free // n, segments - used), 0)
+            filled = np.cumsum(room)
+            on_existing = min(len(group), int(filled[-1]) if len(filled) else 0)
+            index = np.arange(on_existing)
+            r = np.searchsorted(filled, index, side="right")
+            nth = index - (filled[r] - room[r])
+            row[group[:on_existing]] = r
+            start[group[:on_existing]] = capacity - free[r] + nth * n
+            segment[group[:on_existing]] = used[r] + nth + 1
+            added = np.bincount(r, minlength=len(free))
+            free = free - added * n
+            used = used + added
+            # The rest open new rows, each filled before the next is opened.
+            rest = len(group) - on_existing
+            if rest:
+                per_row = min(capacity // n, segments)
+                index = np.arange(rest)
+                new_row, nth = np.divmod(index, per_row)
+                row[group[on_existing:]] = len(free) + new_row
+                start[group[on_existing:]] = nth * n
+                segment[group[on_existing:]] = nth + 1
+                counts = np.bincount(new_row)
+                free = np.concatenate([free, capacity - counts * n])
+                used = np.concatenate([used, counts])
+        return row, start, segment, len(free)
+
+    def _role_placement(self, tokens: RoleTokens, role: str) -> tuple[dict[str, int], tuple]:
+        """The role's own layout and where each text goes: (row, start column, segment id)."""
+        cfg = self.config
+        count = len(tokens.lengths)
+        longest = int(tokens.lengths.max()) if count else 0
+        length = _bucket(max(longest, 1), cfg.buckets(role))
+        if not cfg.pack:
+            placement = (
+                np.arange(count, dtype=np.int64),
+                np.zeros(count, np.int64),
+                (tokens.lengths > 0).astype(np.int64),
+            )
+            return {"rows": count, "length": length, "segments": 1}, placement
+        # Rows just long enough for the longest text fit one short text each when the texts are
+        # of similar length (label names, captions), so also try longer rows and keep the
+        # layout with the fewest token positions (the shorter rows on a tie: attention cost
+        # grows with the square of the row length).
+        present = tokens.lengths[tokens.lengths > 0]
+        mean = float(present.mean()) if len(present) else 1.0
+        buckets = cfg.buckets(role)
+        candidates = sorted({
+            length,
+            _bucket(min(2 * max(longest, 1), buckets[-1]), buckets),
+            _bucket(min(int(cfg.segments_per_row * mean), buckets[-1]), buckets),
+        })
+        best = None
+        for candidate in candidates:
+            row, start, segment, rows = self._pack(tokens.lengths, candidate)
+            if rows:
+                rows = round_up_rows(rows, cfg.row_multiple, cfg.row_buckets_per_octave)
+            if best is None or rows * candidate < best[0]["rows"] * best[0]["length"]:
+                best = ({"rows": rows, "length": candidate, "segments": cfg.segments_per_row}, (row, start, segment))
+        return best
+
+    def _finalized(self, batch: TokenBatch) -> dict[str, RoleTokens]:
+        negatives = self._pad_negatives(batch)
+        return {
+            "query": self._finalize(batch.query, "query"),
+            "positive": self._finalize(batch.positive, "positive"),
+            "negatives": self._finalize(negatives, "negatives"),
+        }
+
+    def _pad_negatives(self, batch: TokenBatch) -> RoleTokens:
+        """Negatives with K = config.num_negatives slots per example (if set); unused slots empty."""
+        k_have = batch.negatives_per_example
+        k_want = k_have if self.config.num_negatives is None else self.config.num_negatives
+        lengths = batch.negatives.lengths.reshape(batch.batch_size, k_have)
+        in_use = np.arange(k_have)[None, :] < batch.num_negatives[:, None]
+        if k_want == k_have and not np.any(lengths[~in_use]):
+            return batch.negatives
+        # Slots past num_negatives are empty by contract; making them so keeps mask and rows in step.
+        sequences = batch.negatives.sequences()
+        empty = np.zeros(0, np.int32)
+        return RoleTokens.from_lists([
+            sequences[b * k_have + k] if k < k_have and in_use[b, k] else empty
+            for b in range(batch.batch_size)
+            for k in range(k_want)
+        ])
+
+    def plan(self, batch: TokenBatch) -> dict[str, int]:
+        """This batch's layout as flat ints {role_rows, role_length, role_segments}."""
+        layout = {}
+        for role, tokens in self._finalized(batch).items():
+            for key, value in self._role_placement(tokens, role)[0].items():
+                layout[f"{role}_{key}"] = value
+        return layout
+
+    # -- conversion ---------------------------------------------------------------------------
+
+    def convert(self, batch: TokenBatch, layout: Optional[Mapping[str, int]] = None) -> dict[str, np.ndarray]:
+        """Model features of `batch`, shaped by `layout` (default: this batch's own plan)."""
+        cfg = self.config
+        roles = self._finalized(batch)
+        # Placement uses this host's own row length, so a larger agreed layout only adds padding.
+        placements = {role: self._role_placement(tokens, role) for role, tokens in roles.items()}
+        if layout is None:
+            layout = {f"{role}_{k}": v for role, (own, _) in placements.items() for k, v in own.items()}
+        batch_size = batch.batch_size
+        k = len(roles["negatives"].lengths) // max(batch_size, 1)
+        features: dict[str, np.ndarray] = {}
+        slots: dict[str, np.ndarray] = {}
+        for role, tokens in roles.items():
+            rows, length, segments = (int(layout[f"{role}_{key}"]) for key in ("rows", "length", "segments"))
+            mine, (row, start, segment) = placements[role]
+            if rows < mine["rows"] or length < mine["length"] or segments < mine["segments"]:
+                raise ValueError(
+                    f"layout {dict(layout)} is too small for this batch's {role} ({mine}); pass the "
+                    "elementwise max of every host's plan()."
+                )
+            present = tokens.lengths > 0
+            token_ids = np.full((rows, length), cfg.pad_id, np.int32)
+            segment_ids = np.zeros((rows, length), np.int32)
+            positions = np.zeros((rows, length), np.int32)
+            lengths = tokens.lengths
+            text_starts = _starts(lengths)
+            within = np.arange(len(tokens.values), dtype=np.int64) - np.repeat(text_starts, lengths)
+            token_rows = np.repeat(row, lengths)
+            token_cols = np.repeat(start, lengths) + within
+            token_ids[token_rows, token_cols] = tokens.values
+            segment_ids[token_rows, token_cols] = np.repeat(segment, lengths)
+            positions[token_rows, token_cols] = within
+            segment_mask = np.zeros((rows, segments), bool)
+            segment_mask[row[present], segment[present] - 1] = True
+            features[f"{role}_tokens"] = token_ids
+            features[f"{role}_segment_ids"] = segment_ids
+            features[f"{role}_positions"] = positions
+            features[f"{role}_segment_mask"] = segment_mask
+            slots[role] = np.where(present, row * segments + segment - 1, 0).astype(np.int32)
+
+        features["query_slot"] = slots["query"]
+        features["positive_slot"] = slots["positive"]
+        features["negative_slot"] = slots["negatives"].reshape(batch_size, k)
+        features["negative_mask"] = (roles["negatives"].lengths > 0).reshape(batch_size, k)
+        features["query_hash"] = token_hashes(roles["query"])
+        features["positive_hash"] = token_hashes(roles["positive"])
+        features["negative_hash"] = token_hashes(roles["negatives"]).reshape(batch_size, k)
+        return features
+
+
+def padding_fraction(features: Mapping[str, np.ndarray]) -> float:
+    """Share of token positions, over all roles, that are padding."""
+    total = 0
+    padding = 0
+    for role in ROLES:
+        segment_ids = features[f"{role}_segment_ids"]
+        total += segment_ids.size
+        padding += int((segment_ids == 0).sum())
+    return padding / total if total else 0.0
+
+
+def examples_in_features(features: Mapping[str, np.ndarray]) -> dict[str, list[tuple[int, ...]]]:
+    """Each example's token ids per role, read back from the features (for tests and checks).
+
+    Returns {"query": [ids of example b], "positive": [...], "negatives": [(ids of example b's
+    negatives, in slot order, present ones only)]}.
+    """
+    out: dict[str, list] = {}
+    for role, slot_key in (("query", "query_slot"), ("positive", "positive_slot"), ("negatives", "negative_slot")):
+        tokens = features[f"{role}_tokens"]
+        segment_ids = features[f"{role}_segment_ids"]
+        segments = features[f"{role}_segment_mask"].shape[1]
+        slots = features[slot_key]
+
+        def ids_of(slot: int) -> tuple[int, ...]:
+            row, segment = divmod(int(slot), segments)
+            return tuple(int(t) for t in tokens[row][segment_ids[row] == segment + 1])
+
+        if role == "negatives":
+            mask = features["negative_mask"]
+            out[role] = [tuple(ids_of(s) for s, m in zip(slots[b], mask[b]) if m) for b in range(len(slots))]
+        else:
+            out[role] = [ids_of(s) for s in slots]
+    return out

@@ -1,0 +1,224 @@
+import numpy as np
+import pytest
+
+from gemb.data import feature_converter as fc
+from gemb.data.feature_converter import FeatureConverter, FeatureConverterConfig, RoleTokens, TokenBatch
+
+
+def _random_batch(batch_size=24, k=2, seed=0, max_len=40):
+    rng = np.random.default_rng(seed)
+
+    def texts(n):
+        return [rng.integers(3, 500, rng.integers(1, max_len)).tolist() for _ in range(n)]
+
+    num_negatives = rng.integers(0, k + 1, batch_size).astype(np.int32)
+    negatives = texts(batch_size * k)
+    for b in range(batch_size):
+        for j in range(num_negatives[b], k):
+            negatives[b * k + j] = []
+    return TokenBatch(RoleTokens.from_lists(texts(batch_size)), RoleTokens.from_lists(texts(batch_size)),
+                      RoleTokens.from_lists(negatives), num_negatives)
+
+
+def _expected(batch, config):
+    """What every example should read back as: BOS + ids (cut) + optional EOS."""
+    def wrap(ids, role):
+        room = config.max_length(role) - config.num_special_tokens
+        out = list(ids[:room])
+        if config.bos_id is not None:
+            out = [config.bos_id] + out
+        if config.eos_id is not None:
+            out = out + [config.eos_id]
+        return tuple(out)
+
+    k = batch.negatives_per_example
+    negatives = batch.negatives.sequences()
+    return {
+        "query": [wrap(s.tolist(), "query") for s in batch.query.sequences()],
+        "positive": [wrap(s.tolist(), "positive") for s in batch.positive.sequences()],
+        "negatives": [tuple(wrap(negatives[b * k + j].tolist(), "negatives") for j in range(batch.num_negatives[b]))
+                      for b in range(batch.batch_size)],
+    }
+
+
+@pytest.mark.parametrize("eos", [None, 1])
+def test_packed_batches_hold_exactly_the_examples_of_padded_ones(eos):
+    batch = _random_batch()
+    padded_cfg = FeatureConverterConfig(query_length=32, document_length=64, eos_id=eos, min_length=8)
+    packed_cfg = FeatureConverterConfig(query_length=32, document_length=64, eos_id=eos, min_length=8,
+                                        pack=True, segments_per_row=4)
+    padded = FeatureConverter(padded_cfg).convert(batch)
+    packed = FeatureConverter(packed_cfg).convert(batch)
+    expected = _expected(batch, padded_cfg)
+    assert fc.examples_in_features(padded) == expected
+    assert fc.examples_in_features(packed) == expected
+    for key in ("query_hash", "positive_hash", "negative_hash", "negative_mask"):
+        np.testing.assert_array_equal(padded[key], packed[key])
+    assert fc.padding_fraction(packed) < fc.padding_fraction(padded)
+    assert packed["query_tokens"].shape[0] < batch.batch_size
+
+
+def test_feature_names_shapes_and_dtypes():
+    batch = _random_batch(batch_size=8, k=2)
+    features = FeatureConverter(FeatureConverterConfig(query_length=32, document_length=64, min_length=8)).convert(batch)
+    for role, rows in (("query", 8), ("positive", 8), ("negatives", 16)):
+        length = features[f"{role}_tokens"].shape[1]
+        assert length in (8, 16, 32, 64)
+        assert features[f"{role}_tokens"].shape == (rows, length) and features[f"{role}_tokens"].dtype == np.int32
+        assert features[f"{role}_segment_ids"].shape == (rows, length)
+        assert features[f"{role}_positions"].dtype == np.int32
+        assert features[f"{role}_segment_mask"].shape == (rows, 1)
+    assert features["query_slot"].shape == (8,) and features["negative_slot"].shape == (8, 2)
+    assert features["negative_mask"].dtype == bool and features["query_hash"].dtype == np.int32
+    np.testing.assert_array_equal(features["negative_mask"].sum(1), batch.num_negatives)
+    assert (features["negative_hash"][~features["negative_mask"]] == 0).all()
+
+
+def test_packed_rows_have_restarting_positions_and_bos_per_segment():
+    batch = _random_batch(batch_size=16, k=1, seed=3, max_len=10)
+    cfg = FeatureConverterConfig(query_length=64, document_length=64, pack=True, segments_per_row=8, min_length=64)
+    features = FeatureConverter(cfg).convert(batch)
+    tokens, segments, positions = (features[f"query_{k}"] for k in ("tokens", "segment_ids", "positions"))
+    for row in range(tokens.shape[0]):
+        for segment in range(1, 9):
+            where = np.flatnonzero(segments[row] == segment)
+            if len(where):
+                assert (np.diff(where) == 1).all()  # contiguous
+                assert positions[row, where].tolist() == list(range(len(where)))
+                assert tokens[row, where[0]] == fc.GEMMA_BOS_ID
+        assert (tokens[row][segments[row] == 0] == cfg.pad_id).all()
+    assert features["query_segment_mask"].shape[1] == 8
+    assert features["query_segment_mask"].sum() == 16
+    assert (segments.max(axis=1) <= 8).all()
+
+
+def test_hashes_follow_token_ids():
+    same = [5, 6, 7]
+    batch = TokenBatch(RoleTokens.from_lists([same, same, [5, 6], [7, 6, 5]]),
+                       RoleTokens.from_lists([[1], [1], [2], [3]]),
+                       RoleTokens.from_lists([]), np.zeros(4, np.int32))
+    features = FeatureConverter(FeatureConverterConfig(query_length=16, document_length=16)).convert(batch)
+    q = features["query_hash"]
+    assert q[0] == q[1] and len({q[0], q[2], q[3]}) == 3
+    p = features["positive_hash"]
+    assert p[0] == p[1] != p[2]
+    # Pair tasks (K = 0): an empty negatives block, nothing to encode.
+    assert features["negatives_tokens"].shape[0] == 0 and features["negative_mask"].shape == (4, 0)
+
+
+def test_long_texts_are_cut_to_the_role_length():
+    batch = TokenBatch(RoleTokens.from_lists([list(range(3, 103))]), RoleTokens.from_lists([list(range(3, 13))]),
+                       RoleTokens.from_lists([]), np.zeros(1, np.int32))
+    cfg = FeatureConverterConfig(query_length=20, document_length=32, eos_id=1)
+    features = FeatureConverter(cfg).convert(batch)
+    query = fc.examples_in_features(features)["query"][0]
+    assert len(query) == 20 and query[0] == 2 and query[-1] == 1 and query[1:-1] == tuple(range(3, 21))
+
+
+def test_fixed_num_negatives_pads_every_task_to_k():
+    batch = _random_batch(batch_size=6, k=1)
+    features = FeatureConverter(FeatureConverterConfig(num_negatives=3)).convert(batch)
+    assert features["negative_mask"].shape == (6, 3)
+    np.testing.assert_array_equal(features["negative_mask"][:, 0], batch.num_negatives > 0)
+    assert not features["negative_mask"][:, 1:].any()
+
+
+def test_an_agreed_larger_layout_only_adds_padding():
+    batch = _random_batch(seed=5)
+    converter = FeatureConverter(FeatureConverterConfig(query_length=64, document_length=64, pack=True, min_length=8))
+    own = converter.plan(batch)
+    bigger = {k: v * 2 if k.endswith(("_rows", "_length")) else v for k, v in own.items()}
+    features = converter.convert(batch, bigger)
+    assert features["query_tokens"].shape == (bigger["query_rows"], bigger["query_length"])
+    assert fc.examples_in_features(features) == fc.examples_in_features(converter.convert(batch))
+    smaller = dict(own, positive_length=own["positive_length"] // 2)
+    with pytest.raises(ValueError, match="too small"):
+        converter.convert(batch, smaller)
+
+
+def test_row_buckets_bound_the_number_of_shapes():
+    counts = {fc.round_up_rows(r, 1, 8) for r in range(1, 1025)}
+    assert len(counts) <= 8 * 10 + 8
+    for rows in range(1, 1025):
+        rounded = fc.round_up_rows(rows, 4, 8)
+        assert rounded >= rows and rounded % 4 == 0 and rounded <= max(rows * 1.126, rows + 4)
+
+
+def test_length_buckets():
+    cfg = FeatureConverterConfig(query_length=100, min_length=16)
+    assert cfg.buckets("query") == (16, 32, 64, 100)
+    assert FeatureConverterConfig(length_buckets=(256, 64)).buckets("positive") == (64, 256, 512)
+    assert cfg.task_feature_lengths() == {"query": 99, "positive": 511, "negatives": [None, 511]}
+
+
+def _first_fit_decreasing(lengths, capacity, segments):
+    """The textbook loop, as a reference for the vectorised packer."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i))
+    free, used, placement = [], [], {}
+    for i in order:
+        for r in range(len(free)):
+            if free[r] >= lengths[i] and used[r] < segments:
+                break
+        else:
+            free.append(capacity)
+            used.append(0)
+            r = len(free) - 1
+        placement[i] = (r, capacity - free[r], used[r] + 1)
+        free[r] -= lengths[i]
+        used[r] += 1
+    return placement, len(free)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_packing_is_first_fit_decreasing(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 30, 200)
+    lengths[rng.random(200) < 0.3] = rng.integers(1, 4)  # many ties
+    segments = int(rng.integers(1, 9))
+    converter = FeatureConverter(FeatureConverterConfig(pack=True, segments_per_row=segments))
+    row, start, segment, rows = converter._pack(lengths, 32)
+    expected, expected_rows = _first_fit_decreasing(lengths.tolist(), 32, segments)
+    assert rows == expected_rows
+    for i, n in enumerate(lengths):
+        if n:
+            assert (row[i], start[i], segment[i]) == expected[i]
+        else:
+            assert row[i] == -1
+
+
+@pytest.mark.slow
+def test_packed_and_padded_features_give_the_encoder_the_same_embeddings():
+    """End to end with the model: the slots pick each example's embedding, packed or not."""
+    jax = pytest.importorskip("jax")
+    encoder_module = pytest.importorskip("gemb.models.encoder")
+    from gemb.models.config import TINY_ENCODER
+
+    batch = _random_batch(batch_size=10, k=2, seed=7, max_len=30)
+    common = dict(query_length=64, document_length=64, min_length=8)
+    padded = FeatureConverter(FeatureConverterConfig(**common)).convert(batch)
+    packed = FeatureConverter(FeatureConverterConfig(pack=True, segments_per_row=4, **common)).convert(batch)
+    from gemb.models.config import AttentionType
+
+    # Two layers, one sliding-window and one global: every attention kind packing could break.
+    transformer = TINY_ENCODER.transformer.replace(
+        num_layers=2, attention_pattern=(AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL))
+    config = TINY_ENCODER.replace(transformer=transformer)
+    model = encoder_module.Encoder(config)
+    params = model.init(jax.random.PRNGKey(0), padded["query_tokens"], padded["query_segment_ids"],
+                        padded["query_positions"], num_segments=1)
+
+    apply = jax.jit(lambda p, t, s, q, n: model.apply(p, t, s, q, num_segments=n)["projected"], static_argnums=4)
+
+    def embed(features, role, slot_key):
+        segments = features[f"{role}_segment_mask"].shape[1]
+        out = apply(params, features[f"{role}_tokens"], features[f"{role}_segment_ids"],
+                    features[f"{role}_positions"], segments)
+        return np.asarray(out.reshape(-1, out.shape[-1])[features[slot_key].reshape(-1)])
+
+    mask = padded["negative_mask"].reshape(-1)
+    for role, slot_key in (("query", "query_slot"), ("positive", "positive_slot"), ("negatives", "negative_slot")):
+        a, b = embed(padded, role, slot_key), embed(packed, role, slot_key)
+        if role == "negatives":
+            a, b = a[mask], b[mask]
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+        assert np.abs(a[0] - a[1]).max() > 1e-3  # different examples, different embeddings
