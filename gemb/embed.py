@@ -37,6 +37,7 @@ from gemb.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
+DEFAULT_MAX_LENGTH = 1024  # tokens; longer texts are truncated (counted) unless told otherwise
 
 
 def length_bucket(length: int, max_length: int) -> int:
@@ -49,8 +50,15 @@ class TextEncoder:
 
     def __init__(self, config: EncoderConfig, params: Any, tokenizer: Tokenizer, *,
                  dim: int | None = None, head: bool = True, batch_size: int = 32,
-                 max_length: int = 1024, on_overlong: str = "truncate", task: str | None = None,
+                 max_length: int | None = None, on_overlong: str = "truncate",
+                 task: str | None = None,
                  partitioner: partitioner_lib.Partitioner | None = None):
+        if task is not None:
+            from gemb.data import templates
+
+            if task not in templates.TASK_DESCRIPTIONS:
+                raise ValueError(f"task={task!r} has no template; use one of "
+                                 f"{sorted(templates.TASK_DESCRIPTIONS)}.")
         if on_overlong not in ("truncate", "error"):
             raise ValueError(f"on_overlong={on_overlong!r}; use 'truncate' or 'error'.")
         if head and dim is not None and not 0 < dim <= config.embedding_dim:
@@ -59,6 +67,7 @@ class TextEncoder:
         if not head and dim is not None:
             raise ValueError("dim applies to the projected embedding; with head=False (--head none) "
                              "the pooled hidden state is returned whole. Drop --dim.")
+        max_length = max_length or min(DEFAULT_MAX_LENGTH, config.transformer.max_length)
         if max_length > config.transformer.max_length:
             raise ValueError(f"max_length={max_length} exceeds the model's "
                              f"{config.transformer.max_length} positions.")
@@ -90,9 +99,12 @@ class TextEncoder:
     def format(self, texts: Sequence[str], role: str | None) -> list[str]:
         if self.task is None:
             return list(texts)
-        from gemb.data import templates
+        from gemb.data import templates  # pure Python (+ gin): no TensorFlow at import
 
-        return [templates.apply_template(self.task, role or "query", text) for text in texts]
+        template = templates.default_template(self.task)
+        if role == "document":
+            return [template.document(text) for text in texts]
+        return [template.query(text) for text in texts]
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         ids = []
@@ -144,8 +156,8 @@ class TextEncoder:
 
 
 def load_encoder(model_dir: str | Path, *, dim: int | None = None, head: bool = True,
-                 batch_size: int = 32, max_length: int = 1024, on_overlong: str = "truncate",
-                 task: str | None = None,
+                 batch_size: int = 32, max_length: int | None = None,
+                 on_overlong: str = "truncate", task: str | None = None,
                  partitioner: partitioner_lib.Partitioner | None = None) -> TextEncoder:
     """A TextEncoder for a folder written by `gemb convert` (or exported by training)."""
     config, _ = model_dir_lib.read_model_config(model_dir)
@@ -189,14 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="model folder (gemb convert / training export)")
     parser.add_argument("--input", required=True, type=Path, help=".txt (a text per line) or .jsonl")
     parser.add_argument("--output", required=True, type=Path, help="where to write the .npy array")
-    parser.add_argument("--task", default=None, help="apply this task's template (see gemb/data/templates.py)")
+    parser.add_argument("--task", default=None,
+                        help="apply this task kind's template, e.g. code_retrieval, search, "
+                             "classification (gemb/data/templates.py TASK_DESCRIPTIONS)")
     parser.add_argument("--role", default="query", choices=["query", "document"])
     parser.add_argument("--dim", type=int, default=None, help="Matryoshka width (default: the full embedding)")
     parser.add_argument("--head", default="projection", choices=["projection", "none"],
                         help="'none': mean-pooled hidden states before the projection head")
     parser.add_argument("--text-field", default="text", help="the text field of .jsonl records")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--max-length", type=int, default=None,
+                        help=f"tokens per text (default {DEFAULT_MAX_LENGTH}, or the model's limit)")
     parser.add_argument("--on-overlong", default="truncate", choices=["truncate", "error"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

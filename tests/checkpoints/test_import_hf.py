@@ -8,37 +8,10 @@ import pytest
 
 from gemb.checkpoints import import_hf, layout
 from gemb.models import config, gemma3
+from tiny_checkpoints import write_tiny_hf_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-
-def tiny_hf_config(**overrides):
-    values = dict(
-        vocab_size=config.TINY.vocab_size, hidden_size=config.TINY.embed_dim,
-        intermediate_size=config.TINY.hidden_dim, num_hidden_layers=config.TINY.num_layers,
-        num_attention_heads=config.TINY.num_heads, num_key_value_heads=config.TINY.num_kv_heads,
-        head_dim=config.TINY.head_dim, sliding_window=config.TINY.sliding_window_size,
-        query_pre_attn_scalar=int(config.TINY.query_pre_attn_scalar), max_position_embeddings=512,
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
-    )
-    values.update(overrides)
-    return transformers.Gemma3TextConfig(**values)
-
-
-def write_tiny_hf_checkpoint(folder, dtype=torch.float32, max_shard_size=None, seed=0):
-    """A random TINY-sized Gemma3ForCausalLM saved with save_pretrained; returns the model."""
-    torch.manual_seed(seed)
-    model = transformers.Gemma3ForCausalLM(tiny_hf_config()).eval()
-    with torch.no_grad():  # random, non-zero norm scales so the (1 + w) convention is tested
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                parameter.normal_(0.0, 0.3)
-    model = model.to(dtype)
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(folder, **kwargs)
-    return model
 
 
 @pytest.mark.parametrize("dtype,shard", [(torch.float32, None), (torch.bfloat16, "100KB")],

@@ -1,0 +1,107 @@
+"""The text API and `gemb embed`: batching by length, templates, heads, bad input."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemb import embed
+from gemb.checkpoints import convert, model_dir
+from gemb.models import encoder as encoder_lib
+from gemb.partitioning import mesh as mesh_lib
+from gemb.partitioning import partitioner as partitioner_lib
+from tiny_checkpoints import write_tiny_hf_checkpoint, write_word_level_tokenizer
+
+TEXTS = ["what is the capital of france", "paris", "the python function returns a list of code",
+         "a", "query text", "the capital of france is paris", "search result", "code"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    source = tmp_path_factory.mktemp("tiny_hf")
+    write_tiny_hf_checkpoint(source)
+    write_word_level_tokenizer(source)
+    return convert.convert(str(source), tmp_path_factory.mktemp("out") / "model",
+                           head_dims=(96,), matryoshka_dims=(96, 48))
+
+
+def _one_device():
+    import jax
+
+    return partitioner_lib.Partitioner(mesh_lib.create_mesh(devices=jax.devices()[:1]))
+
+
+def test_encode_equals_the_model_one_text_at_a_time(tiny_model):
+    text_encoder = embed.load_encoder(tiny_model, batch_size=3, partitioner=_one_device())
+    vectors = text_encoder.encode(TEXTS)
+    assert vectors.shape == (len(TEXTS), 96)
+    config, _ = model_dir.read_model_config(tiny_model)
+    params = model_dir.load_params(tiny_model)
+    model = encoder_lib.Encoder(config)
+    for i, text in enumerate(TEXTS):
+        ids = text_encoder.tokenizer.encode(text)
+        expected = model.apply({"params": params}, jnp.asarray([ids]))["embeddings"][96][0, 0]
+        np.testing.assert_allclose(vectors[i], expected, atol=2e-5)
+
+
+def test_sharded_encoder_matches_single_device(tiny_model):
+    single = embed.load_encoder(tiny_model, partitioner=_one_device()).encode(TEXTS)
+    sharded_encoder = embed.load_encoder(
+        tiny_model, batch_size=4, partitioner=partitioner_lib.Partitioner(mesh_lib.create_mesh((4, 2, 1))))
+    assert sharded_encoder.batch_size == 8  # rounded up to whole rows per device
+    np.testing.assert_allclose(sharded_encoder.encode(TEXTS), single, atol=1e-5)
+
+
+def test_dim_head_none_and_task_templates(tiny_model):
+    full = embed.load_encoder(tiny_model, partitioner=_one_device()).encode(TEXTS[:2])
+    short = embed.load_encoder(tiny_model, dim=48, partitioner=_one_device()).encode(TEXTS[:2])
+    np.testing.assert_allclose(np.linalg.norm(short, axis=-1), 1.0, rtol=1e-5)
+    assert not np.allclose(short, full[:, :48])  # a prefix, re-normalised
+    pooled = embed.load_encoder(tiny_model, head=False, partitioner=_one_device()).encode(TEXTS[:2])
+    assert pooled.shape == (2, 64)
+    with pytest.raises(ValueError, match="Drop --dim"):
+        embed.load_encoder(tiny_model, head=False, dim=48, partitioner=_one_device())
+    templated = embed.load_encoder(tiny_model, task="search", partitioner=_one_device())
+    assert templated.format(["paris"], "query") == ["task: search result | query: paris"]
+    assert templated.format(["paris"], "document") == ["title: none | text: paris"]
+    assert not np.allclose(templated.encode(TEXTS[:2]), full)
+    with pytest.raises(ValueError, match="has no template"):
+        embed.load_encoder(tiny_model, task="poetry", partitioner=_one_device())
+
+
+def test_overlong_text_truncates_with_a_count_or_errors(tiny_model, caplog):
+    long_text = " ".join(["code"] * 40)
+    encoder = embed.load_encoder(tiny_model, max_length=16, partitioner=_one_device())
+    vectors = encoder.encode([long_text, "paris"])
+    assert encoder.truncated_count == 1 and np.isfinite(vectors).all()
+    assert "1 of 2 texts were longer than max_length=16" in caplog.text
+    strict = embed.load_encoder(tiny_model, max_length=16, on_overlong="error", partitioner=_one_device())
+    with pytest.raises(ValueError, match="text 0 has 41 tokens, more than max_length=16"):
+        strict.encode([long_text])
+
+
+def test_bad_texts_are_named(tiny_model):
+    encoder = embed.load_encoder(tiny_model, partitioner=_one_device())
+    with pytest.raises(ValueError, match="text 1 is empty"):
+        encoder.encode(["paris", "   "])
+    with pytest.raises(TypeError, match="text 0 is a int"):
+        encoder.encode([3])
+    with pytest.raises(TypeError, match="list of texts"):
+        encoder.encode("paris")
+
+
+def test_cli_txt_and_jsonl(tiny_model, tmp_path):
+    txt = tmp_path / "in.txt"
+    txt.write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "out.npy"
+    assert embed.main(["--model", str(tiny_model), "--input", str(txt), "--output", str(out),
+                       "--dim", "48"]) == 0
+    assert np.load(out).shape == (len(TEXTS), 48)
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"body": t}) for t in TEXTS))
+    assert embed.main(["--model", str(tiny_model), "--input", str(jsonl), "--output", str(out),
+                       "--text-field", "body", "--head", "none"]) == 0
+    assert np.load(out).shape == (len(TEXTS), 64)
+    with pytest.raises(ValueError, match=r"in.jsonl:1 has no 'text' field"):
+        embed.main(["--model", str(tiny_model), "--input", str(jsonl), "--output", str(out)])
