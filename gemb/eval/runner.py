@@ -1,0 +1,210 @@
+"""Runs tasks on encoders and files the results.
+
+For each model: one JSON file per task (every metric, the main score, timings, where the data
+came from) and a markdown table of main scores; at the end one line per task on stdout,
+`TASK<TAB>MAIN_SCORE` with the score x100 to two decimals. Several models make one table with a
+column per model, and a model that could not be loaded or scored is named with the reason
+instead of silently missing.
+
+`EvalHook` is the in-training form: a short task list scored every N steps, written to
+TensorBoard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, TextIO, Union
+
+from gemb.eval import encoders
+from gemb.eval.tasks import Task, parse_task_list
+
+logger = logging.getLogger(__name__)
+
+RESULTS_TABLE = "results.md"
+
+
+def file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "task"
+
+
+def _json_ready(value: Any) -> Any:
+    """Results as plain JSON: numpy scalars become floats, NaN becomes null."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@dataclasses.dataclass
+class TaskResult:
+    task: str
+    task_type: str
+    main_score: Optional[float]
+    scores: dict[str, Any]
+    error: Optional[str] = None
+
+
+def run_tasks(encoder: Any, tasks: Sequence[Task], *, model_name: str,
+              output_dir: Optional[Union[str, Path]] = None, batch_size: int = 32,
+              show_progress: Optional[bool] = None,
+              embedding_cache: Optional[encoders.EmbeddingCache] = None,
+              stop_on_error: bool = False) -> list[TaskResult]:
+    """Scores one encoder on every task; a failing task is reported and the rest still run
+    (unless stop_on_error)."""
+    batched = encoders.BatchedEncoder(encoder, batch_size=batch_size,
+                                      show_progress=show_progress, name=model_name)
+    output = Path(output_dir) if output_dir is not None else None
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+    results = []
+    for task in tasks:
+        logger.info("evaluating %s on %s", model_name, task.name)
+        started = time.perf_counter()
+        try:
+            scores = task.evaluate(batched, embedding_cache=embedding_cache)
+            result = TaskResult(task.name, task.task_type, float(scores["main_score"]), scores)
+        except (ValueError, FileNotFoundError, TypeError, RuntimeError) as error:
+            if stop_on_error:
+                raise
+            message = f"{type(error).__name__}: {error}"
+            print(f"error: task {task.name}: {message}", file=sys.stderr)
+            result = TaskResult(task.name, task.task_type, None, {}, error=message)
+        if output is not None:
+            record = {
+                "task": task.name,
+                "task_type": task.task_type,
+                "model": model_name,
+                "main_score": result.main_score,
+                "main_score_name": result.scores.get("main_score_name"),
+                "scores": result.scores,
+                "error": result.error,
+                "data": task.source,
+                "options": task.options,
+                "prompt_task": task.prompt_task,
+                "mteb_reference_task": task.reference_name,
+                "batch_size": batch_size,
+                "seconds": round(time.perf_counter() - started, 2),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            path = output / f"{file_safe(task.name)}.json"
+            path.write_text(json.dumps(_json_ready(record), indent=2, ensure_ascii=False) + "\n")
+        results.append(result)
+    return results
+
+
+def format_score(score: Optional[float]) -> str:
+    return "n/a" if score is None else f"{100 * score:.2f}"
+
+
+def markdown_table(results_by_model: Mapping[str, Sequence[TaskResult]],
+                   notes: Sequence[str] = ()) -> str:
+    """Tasks as rows, models as columns, main scores x100."""
+    models = list(results_by_model)
+    task_names: list[str] = []
+    for results in results_by_model.values():
+        for result in results:
+            if result.task not in task_names:
+                task_names.append(result.task)
+    lookup = {(model, r.task): r for model, results in results_by_model.items() for r in results}
+    lines = ["| task | " + " | ".join(models) + " |",
+             "|---|" + "---:|" * len(models)]
+    for name in task_names:
+        cells = [format_score(lookup[(m, name)].main_score) if (m, name) in lookup else "n/a"
+                 for m in models]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    footnotes = list(notes) + [f"{model}: {r.task} failed: {r.error}"
+                               for model, results in results_by_model.items()
+                               for r in results if r.error]
+    if footnotes:
+        lines.append("")
+        lines.extend(f"- {note}" for note in footnotes)
+    return "\n".join(lines) + "\n"
+
+
+def print_main_scores(results: Sequence[TaskResult], stream: Optional[TextIO] = None,
+                      prefix: str = "") -> None:
+    stream = stream or sys.stdout  # looked up now, so redirected stdout is honoured
+    for result in results:
+        print(f"{prefix}{result.task}\t{format_score(result.main_score)}", file=stream)
+
+
+def write_table(output_dir: Union[str, Path], table: str) -> Path:
+    path = Path(output_dir) / RESULTS_TABLE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    return path
+
+
+# ------------------------------------------------------------------------- in-training hook
+
+
+class TensorBoardScalars:
+    """Writes scalars to a TensorBoard event file with the tensorboard package alone
+    (no TensorFlow, no torch), so the hook works on machines without either."""
+
+    def __init__(self, logdir: Union[str, Path]):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._writer = EventFileWriter(str(logdir))
+
+    def __call__(self, step: int, scalars: Mapping[str, float]) -> None:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        summary = summary_pb2.Summary(value=[
+            summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+            for tag, value in scalars.items()])
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                               summary=summary))
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class EvalHook:
+    """Scores a small task list every `every_n_steps` training steps.
+
+    The trainer calls `maybe_evaluate(step, encoder)` each step with an encoder over the current
+    parameters; scores go to `log_scalars(step, {"eval/TASK/main_score": ...})`, by default a
+    TensorBoard event file in `logdir`. No embedding cache: the weights change between calls.
+    """
+
+    def __init__(self, tasks: Union[str, Sequence[str]], every_n_steps: int, *,
+                 logdir: Optional[Union[str, Path]] = None,
+                 log_scalars: Optional[Callable[[int, Mapping[str, float]], None]] = None,
+                 batch_size: int = 64):
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if log_scalars is None and logdir is None:
+            raise ValueError("give logdir (TensorBoard) or log_scalars.")
+        self.tasks = parse_task_list(tasks)
+        self.every_n_steps = every_n_steps
+        self.batch_size = batch_size
+        self.log_scalars = log_scalars or TensorBoardScalars(logdir)
+
+    def maybe_evaluate(self, step: int, encoder: Any) -> Optional[dict[str, float]]:
+        if step % self.every_n_steps:
+            return None
+        return self.evaluate(step, encoder)
+
+    def evaluate(self, step: int, encoder: Any) -> dict[str, float]:
+        results = run_tasks(encoder, self.tasks, model_name=f"step {step}",
+                            batch_size=self.batch_size, show_progress=False)
+        scalars = {f"eval/{r.task}/main_score": r.main_score for r in results
+                   if r.main_score is not None}
+        if scalars:
+            self.log_scalars(step, scalars)
+        return scalars

@@ -1,0 +1,143 @@
+"""gemb eval end to end with a fake encoder: files written, lines printed, errors explained."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gemb.eval import cli, encoders, runner
+
+
+@pytest.fixture
+def fake_models(monkeypatch, hashing_encoder):
+    """`--model fake:*` loads the hashing encoder; anything else goes to the real loader."""
+    real = encoders.load_encoder
+
+    def load(spec, dim=None, device="cpu", head=True):
+        if spec.startswith("fake:"):
+            return hashing_encoder
+        return real(spec, dim=dim, device=device, head=head)
+
+    monkeypatch.setattr(encoders, "load_encoder", load)
+    return hashing_encoder
+
+
+@pytest.fixture
+def sts_file(tmp_path):
+    path = tmp_path / "toy_sts.tsv"
+    rows = ["sentence1\tsentence2\tscore", "a cat sits\ta cat sits\t5", "a cat sits\ta dog runs\t1",
+            "red car\tred car fast\t4", "red car\tblue sky\t0"]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_eval_writes_json_table_and_prints_scores(tmp_path, sts_file, fake_models, capsys):
+    out = tmp_path / "out"
+    code = cli.main(["--model", "fake:a", "--tasks", f"sts:{sts_file}?name=Toy",
+                     "--output", str(out), "--no-progress"])
+    assert code == 0
+    record = json.loads((out / "Toy.json").read_text())
+    assert record["task_type"] == "sts" and record["main_score_name"] == "cosine_spearman"
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    name, score = line.split("\t")
+    assert name == "Toy" and score == f"{100 * record['main_score']:.2f}"
+    assert "| Toy |" in (out / runner.RESULTS_TABLE).read_text()
+
+
+def test_several_models_and_one_that_cannot_load(tmp_path, sts_file, fake_models, capsys):
+    code = cli.main(["--model", "fake:a", "--model", str(tmp_path / "no_such_model"),
+                     "--tasks", f"sts:{sts_file}", "--output", str(tmp_path / "out"),
+                     "--no-progress"])
+    assert code == 1
+    captured = capsys.readouterr()
+    table = (tmp_path / "out" / runner.RESULTS_TABLE).read_text()
+    assert "fake:a" in table and "n/a" in table and "was not run" in table
+    assert "no such folder" in captured.err
+    assert any(line.startswith("fake:a\ttoy_sts\t") for line in captured.out.splitlines())
+
+
+def test_a_failing_task_does_not_stop_the_others(tmp_path, sts_file, fake_models, capsys):
+    code = cli.main(["--model", "fake:a", "--tasks",
+                     f"sts:{tmp_path}/missing.tsv,sts:{sts_file}", "--output",
+                     str(tmp_path / "o"), "--no-progress"])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "missing\tn/a" in captured.out and "toy_sts\t" in captured.out
+    assert "does not exist" in captured.err
+
+
+def test_bad_command_lines(capsys):
+    assert cli.main(["--model", "st:x"]) == 2
+    assert cli.main(["--model", "st:x", "--tasks", "no-such-task"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+    assert cli.main(["--model", "st:x", "--tasks", "stsb", "--dim", "0"]) == 2
+
+
+def test_list_tasks(capsys):
+    assert cli.main(["--list-tasks"]) == 0
+    assert "STSBenchmark\tsts" in capsys.readouterr().out
+
+
+def test_not_a_gemb_model_folder_is_named(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    with pytest.raises(FileNotFoundError, match="not a gemb model folder"):
+        encoders.load_encoder(str(model_dir))
+
+
+@pytest.mark.slow
+def test_a_gemb_model_folder_is_scored_through_gemb_embed(tmp_path, capsys):
+    """A real (TINY, random) gemb model folder, with and without its head, on an STS file."""
+    from gemb.checkpoints import convert
+    from tiny_checkpoints import WORDS, write_tiny_hf_checkpoint, write_word_level_tokenizer
+
+    source = tmp_path / "hf"
+    write_tiny_hf_checkpoint(source)
+    write_word_level_tokenizer(source)
+    model_dir = convert.convert(str(source), tmp_path / "model", head_dims=(96,), matryoshka_dims=(96, 48))
+    rows = ["sentence1\tsentence2\tscore"]
+    for i in range(12):
+        rows.append(f"{WORDS[i]} {WORDS[i + 1]}\t{WORDS[i + 2]} {WORDS[i]}\t{i % 5}")
+    sts_file = tmp_path / "sts.tsv"
+    sts_file.write_text("\n".join(rows) + "\n")
+    for extra in ([], ["--head", "none"], ["--dim", "48"]):
+        assert cli.main(["--model", str(model_dir), "--tasks", f"sts:{sts_file}",
+                         "--output", str(tmp_path / "out"), "--no-progress", *extra]) == 0
+        line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("sts")][0]
+        score = float(line.split("\t")[1])
+        assert -100.0 <= score <= 100.0
+
+
+def test_st_spec_errors():
+    with pytest.raises(FileNotFoundError, match="no installed package"):
+        encoders.resolve_sentence_transformers_path("surely-not-a-package")
+
+
+def test_eval_imports_neither_jax_nor_tensorflow():
+    code = ("import sys, gemb.eval.cli, gemb.eval.runner, gemb.eval.tasks, gemb.eval.encoders; "
+            "bad = [m for m in ('jax', 'tensorflow', 'seqio') if m in sys.modules]; "
+            "sys.exit(1 if bad else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_eval_hook_logs_every_n_steps(tmp_path, sts_file, hashing_encoder):
+    logged = []
+    hook = runner.EvalHook(f"sts:{sts_file}", every_n_steps=10,
+                           log_scalars=lambda step, scalars: logged.append((step, scalars)))
+    assert hook.maybe_evaluate(5, hashing_encoder) is None
+    scalars = hook.maybe_evaluate(10, hashing_encoder)
+    assert logged == [(10, scalars)] and "eval/toy_sts/main_score" in scalars
+
+
+def test_eval_hook_writes_tensorboard_events(tmp_path, sts_file, hashing_encoder):
+    pytest.importorskip("tensorboard")
+    hook = runner.EvalHook(f"sts:{sts_file}", every_n_steps=1, logdir=tmp_path / "tb")
+    hook.evaluate(3, hashing_encoder)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    (scalar,) = events.Scalars("eval/toy_sts/main_score")
+    assert scalar.step == 3 and np.isfinite(scalar.value)
