@@ -10,6 +10,8 @@ COMMANDS = {
     "convert": ("gemb.checkpoints.convert", "GGUF / HF safetensors -> gemb model folder"),
     "embed": ("gemb.embed", "texts -> embeddings (.npy)"),
     "eval": ("gemb.eval.cli", "score a model on MTEB-style tasks"),
+    "train": ("gemb.train.main", "gin-configured training (t5x-style --gin_file / --gin.NAME=VALUE)"),
+    "precompile": ("gemb.train.precompile", "AOT-compile the train step for a mesh; print memory"),
 }
 
 
