@@ -12,7 +12,8 @@ from gemb import cli
 CORE_MODULES = [
     "gemb.models.encoder", "gemb.losses", "gemb.partitioning.partitioner",
     "gemb.checkpoints.convert", "gemb.checkpoints.import_hf", "gemb.checkpoints.model_dir",
-    "gemb.embed", "gemb.tokenizer", "gemb.data.templates", "gemb.cli",
+    "gemb.embed", "gemb.tokenizer", "gemb.train.trainer", "gemb.train.state",
+    "gemb.train.checkpointing", "gemb.train.optimizers", "gemb.data.templates", "gemb.cli",
 ]
 
 

@@ -1,0 +1,48 @@
+"""Small builders shared by the trainer tests (TINY model, synthetic data)."""
+
+import jax
+import numpy as np
+
+from gemb.losses import ContrastiveLossConfig
+from gemb.models.config import TINY_ENCODER
+from gemb.partitioning import mesh as mesh_lib
+from gemb.partitioning.partitioner import Partitioner
+from gemb.train import data, optimizers, trainer
+from gemb.train.state import StateLayout
+
+# TINY cut to 2 layers: the same structure (GQA, local + global attention) at a fraction of
+# TINY's compile time, for tests that are not about the model.
+SMALL = TINY_ENCODER.replace(transformer=TINY_ENCODER.transformer.replace(num_layers=2))
+LOSS = ContrastiveLossConfig(temperature=0.05)
+OPTIMIZER = optimizers.OptimizerConfig(learning_rate=3e-3, warmup_steps=1, weight_decay=0.01)
+
+
+def partitioner_for(ici, num_devices):
+    return Partitioner(mesh_lib.create_mesh(ici, devices=jax.devices()[:num_devices]))
+
+
+def build(partitioner, step_config=trainer.StepConfig(), encoder=SMALL, loss=LOSS,
+          optimizer=OPTIMIZER, num_steps=10, seed=0):
+    tx, schedule = optimizers.make_optimizer(optimizer, num_steps)
+    layout = StateLayout(encoder, loss, tx, optimizer.freeze_patterns, partitioner)
+    state = layout.create(layout.random_params(encoder, loss, seed), seed)
+    steps = trainer.CompiledSteps(
+        layout, trainer.make_train_step(encoder, loss, tx, schedule, optimizer.freeze_patterns,
+                                        step_config),
+        trainer.make_eval_step(encoder, loss))
+    return layout, state, steps
+
+
+def synthetic_batches(n, batch_size=16, num_negatives=1, seed=0):
+    iterator = data.SyntheticData(batch_size=batch_size, query_length=12, document_length=16,
+                                  num_negatives=num_negatives, seed=seed).make()
+    return [trainer.prepare_batch(next(iterator)) for _ in range(n)]
+
+
+def run_losses(partitioner, batches, step_config=trainer.StepConfig(), **kwargs):
+    _, state, steps = build(partitioner, step_config, **kwargs)
+    losses = []
+    for batch in batches:
+        state, metrics = steps.train(state, batch)
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), state

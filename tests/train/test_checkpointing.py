@@ -1,0 +1,104 @@
+"""Checkpoints: round trip, damaged latest -> previous, another model, init_from."""
+
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from gemb.checkpoints import model_dir as model_dir_lib
+from gemb.models.config import TINY_ENCODER
+from gemb.train import checkpointing, main as train_main
+from gemb.train.data import SyntheticData
+
+from helpers import LOSS, OPTIMIZER, SMALL, build, partitioner_for, synthetic_batches
+
+
+def _save_steps(directory, steps_to_save):
+    partitioner = partitioner_for((1, 1, 1), 1)
+    layout, state, steps = build(partitioner)
+    ckpt = checkpointing.RunCheckpointer(directory, checkpointing.CheckpointConfig(keep=5))
+    meta = train_main._model_meta(SMALL, LOSS, OPTIMIZER)
+    saved = {}
+    for i, batch in enumerate(synthetic_batches(max(steps_to_save))):
+        state, _ = steps.train(state, batch)
+        if i + 1 in steps_to_save:
+            ckpt.save(i + 1, state, {"batch_index": i + 1}, meta)
+            saved[i + 1] = jax.tree.map(np.asarray, state.params)
+    ckpt.close()
+    return layout, meta, saved
+
+
+def test_round_trip_and_damaged_latest_falls_back(tmp_path, capsys):
+    layout, meta, saved = _save_steps(tmp_path, {2, 3})
+    ckpt = checkpointing.RunCheckpointer(tmp_path)
+    state, data_state, _ = ckpt.restore_latest(layout.abstract, meta)
+    assert int(state.step) == 3 and data_state["batch_index"] == 3
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params,
+                 saved[3])
+    # Damage step 3: truncate every array file of its state.
+    for path in (tmp_path / "checkpoints" / "3" / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0 and "metadata" not in path.name:
+            path.write_bytes(b"\0" * 3)
+    ckpt = checkpointing.RunCheckpointer(tmp_path)
+    state, data_state, _ = ckpt.restore_latest(layout.abstract, meta)
+    assert int(state.step) == 2 and data_state["batch_index"] == 2
+    assert "checkpoint step 3" in capsys.readouterr().out
+    assert ckpt.all_steps() == [2]
+    assert any((tmp_path / "checkpoints" / "corrupt").iterdir())
+
+
+def test_run_dir_of_another_model_is_an_error(tmp_path):
+    _save_steps(tmp_path, {1})
+    other = SMALL.replace(head_dims=(48,), matryoshka_dims=(48, 24))
+    with pytest.raises(ValueError, match="another model"):
+        train_main.train(model_dir=str(tmp_path), encoder=other, data=SyntheticData(batch_size=8),
+                         num_steps=2, loss=LOSS, optimizer=OPTIMIZER)
+
+
+def test_missing_init_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_main.train(model_dir=str(tmp_path / "run"), encoder=TINY_ENCODER,
+                         data=SyntheticData(batch_size=8), num_steps=2,
+                         init_from=str(tmp_path / "nowhere"))
+
+
+def test_mesh_device_mismatch_and_indivisible_batch_fail_before_training(tmp_path):
+    from gemb.train import gin_registry
+
+    with pytest.raises(ValueError, match="needs 6 devices but 8 are available"):
+        train_main.train(model_dir=str(tmp_path / "a"), encoder=TINY_ENCODER,
+                         data=SyntheticData(batch_size=8), num_steps=2,
+                         partitioner=lambda: gin_registry.partitioner((3, 2, 1)))
+    with pytest.raises(ValueError, match="cannot be split over the data axes"):
+        train_main.train(model_dir=str(tmp_path / "b"), encoder=TINY_ENCODER,
+                         data=SyntheticData(batch_size=12), num_steps=2,
+                         partitioner=lambda: gin_registry.partitioner((8, 1, 1)))
+
+
+def test_init_from_model_folder_with_renames_and_unscanned_layout(tmp_path):
+    partitioner = partitioner_for((1, 1, 1), 1)
+    layout, state, _ = build(partitioner, encoder=TINY_ENCODER)
+    params = jax.tree.map(np.asarray, state.params["encoder"])
+    # A "converted" folder whose head is stored under another name.
+    stored = dict(params)
+    stored["projection"] = stored.pop("head")
+    model_dir_lib.save_model_dir(tmp_path / "model", TINY_ENCODER, stored, {"source": "test"})
+    with pytest.raises(ValueError, match="lacks parameters"):
+        checkpointing.load_init_params(tmp_path / "model", layout.abstract_params["encoder"])
+    loaded = checkpointing.load_init_params(tmp_path / "model", layout.abstract_params["encoder"],
+                                            renames=[("^projection/", "head/")],
+                                            target_config=TINY_ENCODER)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), loaded, params)
+    # The same folder into an unscanned model: layers are re-laid out, values unchanged.
+    unscanned = TINY_ENCODER.replace(
+        transformer=TINY_ENCODER.transformer.replace(scan_layers=False))
+    un_layout, _, _ = build(partitioner, encoder=unscanned)
+    loaded = checkpointing.load_init_params(tmp_path / "model",
+                                            un_layout.abstract_params["encoder"],
+                                            renames=[("^projection/", "head/")],
+                                            target_config=unscanned)
+    np.testing.assert_array_equal(
+        np.asarray(loaded["transformer"]["layer_1"]["mlp"]["linear"]),
+        params["transformer"]["scanned_layers"]["layer_1"]["mlp"]["linear"][0])
