@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from tqdm import tqdm
 
 from gemb.checkpoints import model_dir as model_dir_lib
 from gemb.models import encoder as encoder_lib
 from gemb.models.config import EncoderConfig
 from gemb.partitioning import mesh as mesh_lib
 from gemb.partitioning import partitioner as partitioner_lib
+from gemb.progress import Progress
 from gemb.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,10 @@ def length_bucket(length: int, max_length: int) -> int:
 
 class TextEncoder:
     """Holds a model's params on the devices and encodes lists of texts."""
+
+    # gemb.eval hands whole text lists to this encoder instead of cutting them into batches:
+    # encode() sorts by token count, buckets lengths and reports progress itself.
+    batches_itself = True
 
     def __init__(self, config: EncoderConfig, params: Any, tokenizer: Tokenizer, *,
                  dim: int | None = None, head: bool = True, batch_size: int = 32,
@@ -143,21 +147,31 @@ class TextEncoder:
                         self.truncated_count - truncated_before, len(texts), self.max_length)
         width = self.config.transformer.embed_dim if not self.head else self.dim
         result = np.zeros((len(token_lists), width), np.float32)
-        order = np.argsort([len(t) for t in token_lists], kind="stable")
+        # Longest first: the largest batch runs out of memory at once rather than at the end,
+        # and the rate (hence the ETA) starts pessimistic instead of optimistic.
+        order = np.argsort([-len(t) for t in token_lists], kind="stable")
         starts = range(0, len(order), self.batch_size)
-        show = progress if progress is not None else len(starts) > 4
-        for start in tqdm(starts, desc="embed", unit="batch", disable=not show):
-            chosen = order[start:start + self.batch_size]
-            length = length_bucket(max(len(token_lists[i]) for i in chosen), self.max_length)
-            tokens = np.zeros((self.batch_size, length), np.int32)
-            segments = np.zeros((self.batch_size, length), np.int32)
-            for row, i in enumerate(chosen):
-                tokens[row, : len(token_lists[i])] = token_lists[i]
-                segments[row, : len(token_lists[i])] = 1
-            batch = self.partitioner.shard_batch((tokens, segments))
-            vectors = np.asarray(self._forward(self.params, *batch))
-            result[chosen] = vectors[: len(chosen)]
+        # A bar on a terminal, a log line with rate and ETA every 30 s when stderr is a file;
+        # progress=None stays silent for a few batches, progress=False always.
+        mode = "off" if progress is False or (progress is None and len(starts) <= 4) else None
+        with Progress(len(order), f"embed {role or 'text'}s", unit="text", mode=mode) as bar:
+            for start in starts:
+                self._encode_batch(token_lists, order[start:start + self.batch_size], result)
+                bar.update(min(self.batch_size, len(order) - start))
         return result
+
+    def _encode_batch(self, token_lists: list[list[int]], chosen: np.ndarray,
+                      result: np.ndarray) -> None:
+        """Runs one padded batch (rows `chosen` of token_lists) and writes its rows of result."""
+        length = length_bucket(max(len(token_lists[i]) for i in chosen), self.max_length)
+        tokens = np.zeros((self.batch_size, length), np.int32)
+        segments = np.zeros((self.batch_size, length), np.int32)
+        for row, i in enumerate(chosen):
+            tokens[row, : len(token_lists[i])] = token_lists[i]
+            segments[row, : len(token_lists[i])] = 1
+        batch = self.partitioner.shard_batch((tokens, segments))
+        vectors = np.asarray(self._forward(self.params, *batch))
+        result[chosen] = vectors[: len(chosen)]
 
 
 def load_encoder(model_dir: str | Path, *, dim: int | None = None, head: bool = True,

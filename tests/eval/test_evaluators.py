@@ -316,3 +316,36 @@ def test_summarization_spearman_of_max_cosine():
     expected = spearmanr([3, 1, 2], [np.cos(0.1), np.cos(0.6), np.cos(0.6)]).statistic
     assert result["cosine_spearman"] == pytest.approx(expected, abs=1e-6)
     assert result["num_skipped_texts"] == 1
+
+
+def test_an_encoder_that_batches_itself_gets_the_whole_list():
+    calls = []
+
+    class SelfBatching:
+        batches_itself = True
+        name = "self-batching"
+
+        def encode(self, texts, role, task=None, progress=None):
+            calls.append((len(texts), role, task, progress))
+            return np.ones((len(texts), 3), np.float32)
+
+    out = encoders.BatchedEncoder(SelfBatching(), batch_size=2, show_progress=False).encode(
+        ["a", "bb", "ccc", "dddd", "e"], "document", task="search")
+    assert out.shape == (5, 3)
+    assert calls == [(5, "document", "search", False)]
+
+
+def test_model_fingerprint_changes_when_the_weights_do(tmp_path):
+    import os
+
+    (tmp_path / "params").mkdir()
+    weights = tmp_path / "params" / "shard0"
+    weights.write_bytes(b"old weights")
+    first = encoders.model_fingerprint(str(tmp_path))
+    assert encoders.model_fingerprint(str(tmp_path)) == first
+    weights.write_bytes(b"new weights, longer")
+    assert encoders.model_fingerprint(str(tmp_path)) != first
+    second = encoders.model_fingerprint(str(tmp_path))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same size, rewritten
+    assert encoders.model_fingerprint(str(tmp_path)) != second
