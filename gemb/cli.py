@@ -12,6 +12,7 @@ COMMANDS = {
     "eval": ("gemb.eval.cli", "score a model on MTEB-style tasks"),
     "train": ("gemb.train.main", "gin-configured training (t5x-style --gin_file / --gin.NAME=VALUE)"),
     "precompile": ("gemb.train.precompile", "AOT-compile the train step for a mesh; print memory"),
+    "soup": ("gemb.soup", "average the params of several checkpoints into a model folder"),
 }
 
 

@@ -22,6 +22,7 @@ from gemb.models.config import AttentionType, EncoderConfig, TransformerConfig
 
 CONFIG_FILENAME = "gemb_model.json"
 PARAMS_DIRNAME = "params"
+TOKENIZER_FILENAMES = ("tokenizer.model", "tokenizer.json")
 
 
 def encoder_config_to_dict(config: EncoderConfig) -> dict[str, Any]:
@@ -84,3 +85,19 @@ def load_params(model_dir: str | os.PathLike, abstract_params: Any | None = None
         raise ValueError(
             f"Cannot restore parameters from {params_dir} ({type(error).__name__}: {error}). "
             "The checkpoint is damaged or belongs to another model; convert it again.") from error
+
+
+def copy_tokenizer(source_dir: str | os.PathLike | None, out_dir: str | os.PathLike) -> bool:
+    """Copies the tokenizer files of a model folder or run directory; False when it has none."""
+    import shutil
+
+    if source_dir is None:
+        return False
+    found = False
+    for name in TOKENIZER_FILENAMES:
+        source, target = Path(source_dir) / name, Path(out_dir) / name
+        if source.is_file():
+            found = True
+            if not target.exists() or source.resolve() != target.resolve():
+                shutil.copy(source, target)
+    return found

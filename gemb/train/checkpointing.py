@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 CORRUPT_DIRNAME = "corrupt"
-RUN_INFO_FILENAME = "run_model.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,17 +176,18 @@ def check_same_model(saved: Mapping[str, Any], expected: Mapping[str, Any], wher
     if saved.get("model") != expected.get("model"):
         old = saved.get("model", {}) or {}
         new = expected.get("model", {}) or {}
-        differ = _diff(old, new)
+        differ = differences(old, new)
         raise ValueError(
             f"{where} holds a checkpoint of another model (differences: {differ[:6]}). Use a new "
             "MODEL_DIR for this model, or delete the old run folder to start over.")
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """["transformer.num_layers: 18 -> 26", ...]: the leaves where nested dicts a and b differ."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b)):
-            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+            out += differences(a.get(key), b.get(key), f"{prefix}{key}.")
         return out
     return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
 
@@ -223,9 +223,11 @@ def apply_renames(flat: Mapping[str, Any], renames: Sequence[tuple[str, str]]) -
 
 
 def load_init_params(source: str | Path, abstract_encoder_params: Any,
-                     renames: Sequence[tuple[str, str]] = (), target_config=None) -> Any:
+                     renames: Sequence[tuple[str, str]] = (), target_config=None,
+                     step: int | None = None) -> Any:
     """Encoder params from a converted model folder or a run directory, placed like
     `abstract_encoder_params` (ShapeDtypeStructs with shardings). Only params are read.
+    From a run directory, `step` picks the checkpoint (default: the newest).
 
     `renames` rewrite the SOURCE's parameter paths ("transformer/embedder/input_embedding")
     before matching them to this model's.
@@ -238,6 +240,9 @@ def load_init_params(source: str | Path, abstract_encoder_params: Any,
             f"init_from={str(source)!r} does not exist. Give a model folder written by "
             "`gemb convert --from ... --out DIR`, or a training run directory.")
     if (source / model_dir_lib.CONFIG_FILENAME).is_file():
+        if step is not None:
+            raise ValueError(f"{str(source)!r} is a model folder: it holds one set of params, "
+                             f"not steps; drop the step ({step}).")
         params_dir = source / model_dir_lib.PARAMS_DIRNAME
         source_config, _ = model_dir_lib.read_model_config(source)
 
@@ -248,9 +253,14 @@ def load_init_params(source: str | Path, abstract_encoder_params: Any,
         ckpt_dir = source if source.name == CHECKPOINTS_DIRNAME else source / CHECKPOINTS_DIRNAME
         manager = ocp.CheckpointManager(ckpt_dir.absolute(), item_names=("state", "data", "meta"),
                                         options=ocp.CheckpointManagerOptions(read_only=True))
-        step = manager.latest_step()
-        if step is None:
+        available = sorted(manager.all_steps())
+        if not available:
             raise FileNotFoundError(f"init_from={str(source)!r}: no checkpoint in {ckpt_dir}.")
+        if step is None:
+            step = available[-1]
+        elif step not in available:
+            raise FileNotFoundError(f"{str(source)!r} has no checkpoint of step {step}; it has "
+                                    f"steps {available}.")
 
         def read_tree():
             state = manager.restore(step, args=ocp.args.Composite(

@@ -237,6 +237,12 @@ def train(
 
     # 3. Logging.
     tb = metrics_writer.TensorBoardWriter(model_dir / "train") if is_chief else None
+    if is_chief:
+        # The run directory carries its tokenizer, so exports, soups and init_from of this run
+        # need nothing else.
+        from gemb.checkpoints import model_dir as model_dir_lib
+
+        model_dir_lib.copy_tokenizer(tokenizer_dir or init_from, model_dir)
     if is_chief and gin_config_text:
         (model_dir / OPERATIVE_CONFIG).write_text(gin_config_text)
         tb.text(int(state.step), "gin/operative_config", _markdown(gin_config_text))
@@ -307,8 +313,7 @@ def train(
             print(f"  {key:<36} {before.get(key, float('nan')):.4f} -> {after[key]:.4f}",
                   flush=True)
     if export and int(state.step) == num_steps and is_chief:
-        export_model_dir(model_dir / "export", encoder, state.params["encoder"],
-                         tokenizer_dir or init_from)
+        export_model_dir(model_dir / "export", encoder, state.params["encoder"], model_dir)
     summary = {"model_dir": str(model_dir), "final_step": int(state.step), "wall_seconds": time.time() - start_time,
                "eval": eval_results, "stop_reason": stop_reason}
     return summary
@@ -322,10 +327,7 @@ def export_model_dir(out: Path, encoder: EncoderConfig, encoder_params, tokenize
         shutil.rmtree(out)
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), encoder_params)
     model_dir_lib.save_model_dir(out, encoder, host, {"source": "gemb train"})
-    if tokenizer_dir is not None:
-        for name in ("tokenizer.model", "tokenizer.json"):
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy(Path(tokenizer_dir) / name, out / name)
+    model_dir_lib.copy_tokenizer(tokenizer_dir, out)
     print(f"Exported the trained model to {out}", flush=True)
     return out
 
