@@ -12,6 +12,8 @@ COMMANDS = {
     "eval": ("gemb.eval.cli", "score a model on MTEB-style tasks"),
     "train": ("gemb.train.main", "gin-configured training (t5x-style --gin_file / --gin.NAME=VALUE)"),
     "precompile": ("gemb.train.precompile", "AOT-compile the train step for a mesh; print memory"),
+    "export": ("gemb.export.sentence_transformers",
+               "model folder -> sentence-transformers / transformers folder"),
     "soup": ("gemb.soup", "average the params of several checkpoints into a model folder"),
 }
 

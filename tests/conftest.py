@@ -51,3 +51,12 @@ def hf_gemma3_270m_tokenizer(gemma3_270m_gguf):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(
         str(gemma3_270m_gguf.parent), gguf_file=gemma3_270m_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_model_dir():
+    """The real 270M as a gemb model folder (converted into ~/.cache/gemb once, as the quickstart
+    does); its projection head is the seeded random one of a fresh conversion."""
+    from gemb.train import gin_registry
+
+    return gin_registry.converted_model("gemma3-270m")

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from gemb import embed
-from gemb.checkpoints import convert, model_dir
+from gemb.checkpoints import model_dir
 from gemb.models import encoder as encoder_lib
 from gemb.partitioning import mesh as mesh_lib
 from gemb.partitioning import partitioner as partitioner_lib
-from tiny_checkpoints import write_tiny_hf_checkpoint, write_word_level_tokenizer
+from tiny_checkpoints import write_tiny_model_folder
 
 TEXTS = ["what is the capital of france", "paris", "the python function returns a list of code",
          "a", "query text", "the capital of france is paris", "search result", "code"]
@@ -19,11 +19,7 @@ TEXTS = ["what is the capital of france", "paris", "the python function returns 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    source = tmp_path_factory.mktemp("tiny_hf")
-    write_tiny_hf_checkpoint(source)
-    write_word_level_tokenizer(source)
-    return convert.convert(str(source), tmp_path_factory.mktemp("out") / "model",
-                           head_dims=(96,), matryoshka_dims=(96, 48))
+    return write_tiny_model_folder(tmp_path_factory, head_dims=(96,), matryoshka_dims=(96, 48))
 
 
 def _one_device():

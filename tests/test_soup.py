@@ -8,11 +8,11 @@ import pytest
 from flax import traverse_util
 
 from gemb import embed, soup
-from gemb.checkpoints import convert, model_dir
+from gemb.checkpoints import model_dir
 from gemb.partitioning import mesh as mesh_lib
 from gemb.partitioning import partitioner as partitioner_lib
 from gemb.train import checkpointing, main as train_main
-from tiny_checkpoints import write_tiny_hf_checkpoint, write_word_level_tokenizer
+from tiny_checkpoints import write_tiny_model_folder
 from train.helpers import LOSS, OPTIMIZER, SMALL, build, partitioner_for, synthetic_batches
 
 
@@ -24,15 +24,9 @@ def _flat(tree):
 def two_folders(tmp_path_factory):
     """Two converted TINY models that differ in every transformer weight; the second one is
     stored unscanned, so the soup must also re-lay out its layers."""
-    folders = []
-    for seed, scan in ((0, True), (1, False)):
-        source = tmp_path_factory.mktemp(f"hf{seed}")
-        write_tiny_hf_checkpoint(source, seed=seed)
-        write_word_level_tokenizer(source)
-        folders.append(convert.convert(str(source), tmp_path_factory.mktemp("out") / "model",
-                                       head_dims=(96,), matryoshka_dims=(96, 48),
-                                       scan_layers=scan))
-    return folders
+    return [write_tiny_model_folder(tmp_path_factory, seed=seed, head_dims=(96,),
+                                    matryoshka_dims=(96, 48), scan_layers=scan)
+            for seed, scan in ((0, True), (1, False))]
 
 
 def test_weighted_soup_of_two_folders_equals_the_average(two_folders, tmp_path):

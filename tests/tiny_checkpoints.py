@@ -57,3 +57,15 @@ def write_word_level_tokenizer(folder):
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}))
+
+
+def write_tiny_model_folder(tmp_path_factory, seed=0, **convert_options):
+    """A gemb model folder converted from a random TINY HF checkpoint with a word-level
+    tokenizer; convert_options go to gemb.checkpoints.convert.convert (head_dims, ...)."""
+    from gemb.checkpoints import convert
+
+    source = tmp_path_factory.mktemp(f"tiny_hf_seed{seed}")
+    write_tiny_hf_checkpoint(source, seed=seed)
+    write_word_level_tokenizer(source)
+    return convert.convert(str(source), tmp_path_factory.mktemp("model") / "model",
+                           **convert_options)

@@ -159,6 +159,39 @@ def upstream_from_hf_names(tensors: Mapping[str, np.ndarray], config: Transforme
     return tree
 
 
+def hf_names_from_upstream(tree: Tree, config: TransformerConfig) -> dict[str, np.ndarray]:
+    """The upstream tree -> HF Gemma3TextModel tensor names ([out, in] torch layout).
+
+    The exact inverse of upstream_from_hf_names (without a prefix): exporting is a rename and a
+    transpose, never arithmetic on values.
+    """
+    d, n, k, h = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
+    out = {"embed_tokens.weight": tree["embedder"]["input_embedding"],
+           "norm.weight": tree["final_norm"]["scale"]}
+    for i in range(config.num_layers):
+        layer, p = tree[f"layer_{i}"], f"layers.{i}."
+        attn, mlp = layer["attn"], layer["mlp"]
+        kv = np.asarray(attn["kv_einsum"]["w"])  # [2, k, d, h]
+        out.update({
+            p + "input_layernorm.weight": layer["pre_attention_norm"]["scale"],
+            p + "self_attn.q_proj.weight":
+                np.asarray(attn["q_einsum"]["w"]).transpose(0, 2, 1).reshape(n * h, d),
+            p + "self_attn.k_proj.weight": kv[0].transpose(0, 2, 1).reshape(k * h, d),
+            p + "self_attn.v_proj.weight": kv[1].transpose(0, 2, 1).reshape(k * h, d),
+            p + "self_attn.o_proj.weight":
+                np.asarray(attn["attn_vec_einsum"]["w"]).transpose(2, 0, 1).reshape(d, n * h),
+            p + "self_attn.q_norm.weight": attn["_query_norm"]["scale"],
+            p + "self_attn.k_norm.weight": attn["_key_norm"]["scale"],
+            p + "post_attention_layernorm.weight": layer["post_attention_norm"]["scale"],
+            p + "pre_feedforward_layernorm.weight": layer["pre_ffw_norm"]["scale"],
+            p + "mlp.gate_proj.weight": np.asarray(mlp["gating_einsum"])[0],
+            p + "mlp.up_proj.weight": np.asarray(mlp["gating_einsum"])[1],
+            p + "mlp.down_proj.weight": np.asarray(mlp["linear"]).T,
+            p + "post_feedforward_layernorm.weight": layer["post_ffw_norm"]["scale"],
+        })
+    return {name: np.ascontiguousarray(np.asarray(value)) for name, value in out.items()}
+
+
 _HF_PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
 
 
