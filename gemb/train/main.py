@@ -267,6 +267,7 @@ def train(
     if eval_hook is not None and eval_hook.at_start and first_step == 0 and params_encoder:
         run_eval(0)
     console.start(first_step)
+    loop_start = time.time()
     last_step = num_steps if stop_after is None else min(num_steps, first_step + stop_after)
     stop_reason = None
     try:
@@ -276,7 +277,14 @@ def train(
             console.add_tokens(trainer.batch_tokens(batch) * jax.process_count())
             state, metrics = steps.train(state, _global_batch(batch, partitioner))
             done = current + 1
-            if not bool(metrics["finite"]):
+            finite = bool(metrics["finite"])  # waits for the step to finish
+            if current == first_step:
+                # The first step includes compilation: report it apart and keep it out of the
+                # rates, which would otherwise understate steps/s and tokens/s for a whole window.
+                print(f"step {done}: compiled and ran in {time.time() - loop_start:.1f} s",
+                      flush=True)
+                console.start(done)
+            if not finite:
                 message = (f"step {done}: loss {float(metrics['loss'])} / grad norm "
                            f"{float(metrics['grad_norm'])} is not finite")
                 if step.nan_policy == "stop":
@@ -295,6 +303,7 @@ def train(
             results = None
             if eval_hook is not None and params_encoder and eval_hook.due(done, num_steps):
                 results = run_eval(done)
+                console.start(done)  # evaluation time is not training throughput
             if done % checkpoint.save_every == 0 or done == num_steps or done == last_step:
                 ckpt.save(done, state, iterator.state, meta,
                           metrics=results if checkpoint.keep_best else None,

@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from gemb.progress import format_duration
+
 log = logging.getLogger(__name__)
 
 
@@ -98,23 +100,18 @@ class ConsoleLogger:
         now = time.time()
         steps = step - (self._last_step if self._last_step is not None else step - 1)
         elapsed = max(now - self._last_time, 1e-9)
-        rates = {"steps_per_second": steps / elapsed, "tokens_per_second": self._tokens / elapsed}
-        eta = (self.total_steps - step) / max(rates["steps_per_second"], 1e-9)
         line = (f"step {step}/{self.total_steps}  loss {metrics['loss']:.4f}  "
                 f"acc {metrics.get('accuracy', float('nan')):.3f}  "
-                f"lr {metrics.get('learning_rate', float('nan')):.2e}  "
-                f"{rates['steps_per_second']:.3f} steps/s  "
-                f"{rates['tokens_per_second']:.0f} tokens/s  ETA {_duration(eta)}")
-        self.print_fn(line)
+                f"lr {metrics.get('learning_rate', float('nan')):.2e}")
+        if steps <= 0:  # the window was just restarted (after compiling or evaluating): no rate
+            self.print_fn(line)
+            return None
+        rates = {"steps_per_second": steps / elapsed, "tokens_per_second": self._tokens / elapsed}
+        eta = (self.total_steps - step) / max(rates["steps_per_second"], 1e-9)
+        self.print_fn(f"{line}  {rates['steps_per_second']:.3f} steps/s  "
+                      f"{rates['tokens_per_second']:.0f} tokens/s  ETA {format_duration(eta)}")
         self._last_time, self._last_step, self._tokens = now, step, 0
         return rates
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
 # ------------------------------------------------------------------------------- eval hook

@@ -102,3 +102,19 @@ def test_init_from_model_folder_with_renames_and_unscanned_layout(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(loaded["transformer"]["layer_1"]["mlp"]["linear"]),
         params["transformer"]["scanned_layers"]["layer_1"]["mlp"]["linear"][0])
+
+
+@pytest.mark.parametrize("mode,best_step", [("max", 2), ("min", 3)])
+def test_keep_best_keeps_the_best_step_beside_the_newest(tmp_path, mode, best_step):
+    partitioner = partitioner_for((1, 1, 1), 1)
+    _, state, steps = build(partitioner)
+    config = checkpointing.CheckpointConfig(keep=1, keep_best=1, best_metric="ndcg",
+                                            best_mode=mode, async_save=False)
+    ckpt = checkpointing.RunCheckpointer(tmp_path, config)
+    meta = train_main._model_meta(SMALL, LOSS, OPTIMIZER)
+    scores = {1: 0.30, 2: 0.90, 3: 0.10, 4: 0.50}
+    for step, batch in zip(sorted(scores), synthetic_batches(4)):
+        state, _ = steps.train(state, batch)
+        ckpt.save(step, state, {"batch_index": step}, meta, metrics={"ndcg": scores[step]})
+    ckpt.close()
+    assert checkpointing.RunCheckpointer(tmp_path, config).all_steps() == sorted({best_step, 4})

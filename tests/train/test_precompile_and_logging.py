@@ -57,6 +57,17 @@ def test_console_line_has_loss_accuracy_rates_and_eta():
         assert word in lines[0]
 
 
+def test_console_line_right_after_a_restarted_window_has_no_rates():
+    lines = []
+    logger = metrics_writer.ConsoleLogger(total_steps=10, every=1, print_fn=lines.append)
+    logger.start(1)  # what the loop does after the first (compiling) step
+    assert logger.maybe_log(1, {"loss": 2.0}) is None
+    assert "loss 2.0000" in lines[0] and "steps/s" not in lines[0]
+    logger.add_tokens(500)
+    rates = logger.maybe_log(2, {"loss": 1.5})
+    assert rates["steps_per_second"] > 0 and "ETA" in lines[1]
+
+
 def test_eval_hook_schedule():
     hook = metrics_writer.EvalHook({"x": lambda step, encode: {"score": step}}, every=4)
     assert hook.due(4, 10) and hook.due(10, 10) and not hook.due(5, 10)
