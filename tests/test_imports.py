@@ -14,6 +14,7 @@ CORE_MODULES = [
     "gemb.checkpoints.convert", "gemb.checkpoints.import_hf", "gemb.checkpoints.model_dir",
     "gemb.embed", "gemb.tokenizer", "gemb.train.trainer", "gemb.train.state",
     "gemb.train.checkpointing", "gemb.train.optimizers", "gemb.data.templates", "gemb.cli",
+    "gemb.soup", "gemb.export.hf", "gemb.export.sentence_transformers", "gemb.progress",
 ]
 
 
