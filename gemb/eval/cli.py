@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--list-tasks", action="store_true",
                         help="print the registered task names and exit")
+    parser.add_argument("--table", nargs="+", metavar="RESULTS_DIR", default=None,
+                        help="print one table of results folders written by earlier runs (one "
+                             "column per folder, e.g. models scored on different machines) and "
+                             "exit; with --output the table is also written there")
     return parser
 
 
@@ -65,6 +69,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             task = tasks_lib.parse_task(name)
             print(f"{name}\t{task.task_type}\t{task.description}")
         return 0
+    if args.table:
+        return _print_table(args.table, args.output)
     if not args.model or not args.tasks:
         parser.print_usage(sys.stderr)
         print("gemb eval: error: --model and --tasks are required", file=sys.stderr)
@@ -125,6 +131,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     for label, results in results_by_model.items():
         runner.print_main_scores(results, prefix=f"{label}\t" if several else "")
     return 1 if failed else 0
+
+
+def _print_table(folders: list[str], output: Optional[str]) -> int:
+    results_by_model: dict[str, list[runner.TaskResult]] = {}
+    for folder in folders:
+        try:
+            model, results = runner.read_results(folder)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"gemb eval: error: {error}", file=sys.stderr)
+            return 2
+        if model in results_by_model:
+            model = f"{model} ({folder})"
+        results_by_model[model] = results
+    table = runner.markdown_table(results_by_model)
+    print(table, end="")
+    if output:
+        runner.write_table(output, table)
+    return 0
 
 
 if __name__ == "__main__":

@@ -105,6 +105,32 @@ def run_tasks(encoder: Any, tasks: Sequence[Task], *, model_name: str,
     return results
 
 
+def read_results(output_dir: Union[str, Path]) -> tuple[str, list[TaskResult]]:
+    """(model name, results) from a folder run_tasks wrote, e.g. on another machine."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise FileNotFoundError(f"{output_dir} is not a results folder (gemb eval --output).")
+    models, results = [], []
+    for path in sorted(output_dir.glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}).") from error
+        if not isinstance(record, dict) or "task" not in record or "main_score" not in record:
+            continue  # not a task result (e.g. another tool's file)
+        models.append(record.get("model") or output_dir.name)
+        results.append(TaskResult(record["task"], record.get("task_type", ""),
+                                  record["main_score"], record.get("scores") or {},
+                                  record.get("error")))
+    if not results:
+        raise FileNotFoundError(f"{output_dir} holds no task results (TASK.json files written by "
+                                "gemb eval).")
+    if len(set(models)) > 1:
+        raise ValueError(f"{output_dir} mixes results of several models {sorted(set(models))}; "
+                         "give each model's folder on its own.")
+    return models[0], results
+
+
 def format_score(score: Optional[float]) -> str:
     return "n/a" if score is None else f"{100 * score:.2f}"
 

@@ -46,6 +46,27 @@ def test_eval_writes_json_table_and_prints_scores(tmp_path, sts_file, fake_model
     assert "| Toy |" in (out / runner.RESULTS_TABLE).read_text()
 
 
+def test_table_of_results_folders_from_separate_runs(tmp_path, sts_file, fake_models, capsys):
+    for model in ("fake:a", "fake:b"):
+        assert cli.main(["--model", model, "--tasks", f"sts:{sts_file}?name=Toy",
+                         "--output", str(tmp_path / model[-1]), "--no-progress"]) == 0
+    scores = {m: json.loads((tmp_path / m / "Toy.json").read_text())["main_score"]
+              for m in "ab"}
+    capsys.readouterr()
+    assert cli.main(["--table", str(tmp_path / "a"), str(tmp_path / "b"),
+                     "--output", str(tmp_path / "joint")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == "| task | fake:a | fake:b |"
+    assert printed.splitlines()[2] == (f"| Toy | {100 * scores['a']:.2f} | "
+                                       f"{100 * scores['b']:.2f} |")
+    assert (tmp_path / "joint" / runner.RESULTS_TABLE).read_text() == printed
+    assert cli.main(["--table", str(tmp_path / "missing")]) == 2
+    assert "not a results folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["--table", str(tmp_path / "empty")]) == 2
+    assert "holds no task results" in capsys.readouterr().err
+
+
 def test_several_models_and_one_that_cannot_load(tmp_path, sts_file, fake_models, capsys):
     code = cli.main(["--model", "fake:a", "--model", str(tmp_path / "no_such_model"),
                      "--tasks", f"sts:{sts_file}", "--output", str(tmp_path / "out"),
