@@ -94,7 +94,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     notes: list[str] = []
     failed = False
     for spec in args.model:
-        label = spec if args.dim is None else f"{spec} (dim {args.dim})"
+        # The label names what was scored, so results files and tables say it too.
+        label = spec + (f" (dim {args.dim})" if args.dim is not None else "") + (
+            " (head none)" if args.head == "none" and not spec.startswith("st:") else "")
         if base_output is None:
             output = Path("runs") / "eval" / _model_label(spec)
         else:

@@ -123,12 +123,19 @@ def test_a_gemb_model_folder_is_scored_through_gemb_embed(tmp_path, capsys):
         rows.append(f"{WORDS[i]} {WORDS[i + 1]}\t{WORDS[i + 2]} {WORDS[i]}\t{i % 5}")
     sts_file = tmp_path / "sts.tsv"
     sts_file.write_text("\n".join(rows) + "\n")
-    for extra in ([], ["--head", "none"], ["--dim", "48"]):
+    scores = {}
+    for extra, suffix in (([], ""), (["--head", "none"], " (head none)"),
+                          (["--dim", "48"], " (dim 48)")):
         assert cli.main(["--model", str(model_dir), "--tasks", f"sts:{sts_file}",
                          "--output", str(tmp_path / "out"), "--no-progress", *extra]) == 0
         line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("sts")][0]
         score = float(line.split("\t")[1])
         assert -100.0 <= score <= 100.0
+        # The results file names what was scored.
+        record = json.loads((tmp_path / "out" / "sts.json").read_text())
+        assert record["model"] == str(model_dir) + suffix
+        scores[suffix] = score
+    assert scores[""] != scores[" (head none)"]  # the head really was left out
 
 
 def test_st_spec_errors():
