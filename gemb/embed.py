@@ -37,6 +37,7 @@ from gemb.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
+_ROLE_PLURALS = {"query": "queries", "document": "documents"}
 DEFAULT_MAX_LENGTH = 1024  # tokens; longer texts are truncated (counted) unless told otherwise
 
 
@@ -154,7 +155,8 @@ class TextEncoder:
         # A bar on a terminal, a log line with rate and ETA every 30 s when stderr is a file;
         # progress=None stays silent for a few batches, progress=False always.
         mode = "off" if progress is False or (progress is None and len(starts) <= 4) else None
-        with Progress(len(order), f"embed {role or 'text'}s", unit="text", mode=mode) as bar:
+        description = f"embed {_ROLE_PLURALS.get(role, 'texts')}"
+        with Progress(len(order), description, unit="text", mode=mode) as bar:
             for start in starts:
                 self._encode_batch(token_lists, order[start:start + self.batch_size], result)
                 bar.update(min(self.batch_size, len(order) - start))

@@ -155,7 +155,8 @@ class BatchedEncoder:
         rows: Optional[np.ndarray] = None
         # A bar on a terminal, a log line with rate and ETA every 30 s elsewhere.
         mode = "off" if self.show_progress is False else None
-        with Progress(len(texts), f"encode {role}s", unit="text", mode=mode) as progress:
+        description = "encode queries" if role == QUERY else "encode documents"
+        with Progress(len(texts), description, unit="text", mode=mode) as progress:
             for start in range(0, len(order), self.batch_size):
                 batch_index = order[start:start + self.batch_size]
                 batch = [texts[i] for i in batch_index]
