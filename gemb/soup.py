@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import re
 import sys
@@ -72,25 +71,12 @@ class Ingredient:
             raise FileNotFoundError(f"soup ingredient {self.label}: {self.source} does not exist.")
         if self.is_model_folder():
             return model_dir_lib.read_model_config(self.source)[0]
-        directory = self.source / checkpointing.CHECKPOINTS_DIRNAME
-        if not directory.is_dir():
+        if not (self.source / checkpointing.CHECKPOINTS_DIRNAME).is_dir():
             raise FileNotFoundError(
                 f"soup ingredient {self.label} is neither a model folder (no "
                 f"{model_dir_lib.CONFIG_FILENAME}) nor a run directory (no "
                 f"{checkpointing.CHECKPOINTS_DIRNAME}/).")
-        steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-        if not steps:
-            raise FileNotFoundError(f"soup ingredient {self.label}: no checkpoint in {directory}.")
-        step = steps[-1] if self.step is None else self.step
-        if step not in steps:
-            raise FileNotFoundError(f"soup ingredient {self.label}: {directory} has no step "
-                                    f"{step}; it has steps {steps}.")
-        meta_file = directory / str(step) / "meta" / "metadata"
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, ValueError) as error:
-            raise ValueError(f"soup ingredient {self.label}: cannot read {meta_file} ({error}); "
-                             "the checkpoint is incomplete or damaged.") from error
+        meta = checkpointing.read_run_meta(self.source, self.step)
         return model_dir_lib.encoder_config_from_dict(meta["model"])
 
 

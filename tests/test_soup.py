@@ -84,8 +84,13 @@ def test_soup_of_one_run_at_two_steps(tmp_path):
     for name, value in got.items():
         np.testing.assert_allclose(value, (saved[1][name] + saved[3][name]) / 2, rtol=1e-6,
                                    atol=1e-7, err_msg=name)
-    with pytest.raises(FileNotFoundError, match=r"no step 7; it has steps \[1, 2, 3\]"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"no checkpoint of step 7; it has steps \[1, 2, 3\]"):
         soup.make_soup([soup.Ingredient.parse(f"{tmp_path / 'run'}@7")], tmp_path / "x")
+    for path in (tmp_path / "run" / "checkpoints" / "2" / "meta").iterdir():
+        path.write_text("{ not json")  # a damaged meta record
+    with pytest.raises(ValueError, match="cannot read the meta record of step 2"):
+        soup.make_soup([soup.Ingredient.parse(f"{tmp_path / 'run'}@2")], tmp_path / "y")
 
 
 def test_bad_soups_are_clear_errors(two_folders, tmp_path):

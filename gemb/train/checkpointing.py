@@ -222,6 +222,37 @@ def apply_renames(flat: Mapping[str, Any], renames: Sequence[tuple[str, str]]) -
     return out
 
 
+def open_run_step(source: str | Path, step: int | None = None
+                  ) -> tuple[ocp.CheckpointManager, int]:
+    """A read-only manager of a run directory (or its checkpoints/ folder) and the step to read:
+    `step`, or the newest; a missing step is an error listing the ones there are."""
+    source = Path(source)
+    ckpt_dir = source if source.name == CHECKPOINTS_DIRNAME else source / CHECKPOINTS_DIRNAME
+    manager = ocp.CheckpointManager(ckpt_dir.absolute(), item_names=("state", "data", "meta"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    available = sorted(manager.all_steps())
+    if not available:
+        raise FileNotFoundError(f"{str(source)!r}: no checkpoint in {ckpt_dir}.")
+    if step is None:
+        return manager, available[-1]
+    if step not in available:
+        raise FileNotFoundError(f"{str(source)!r} has no checkpoint of step {step}; it has "
+                                f"steps {available}.")
+    return manager, step
+
+
+def read_run_meta(source: str | Path, step: int | None = None) -> dict[str, Any]:
+    """The meta record (step, model config, ...) of a run's checkpoint, without its arrays."""
+    manager, step = open_run_step(source, step)
+    try:
+        return dict(manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"])
+    except Exception as error:
+        raise ValueError(f"{str(source)!r}: cannot read the meta record of step {step} "
+                         f"({type(error).__name__}: {error}); the checkpoint is incomplete or "
+                         "damaged.") from error
+
+
 def load_init_params(source: str | Path, abstract_encoder_params: Any,
                      renames: Sequence[tuple[str, str]] = (), target_config=None,
                      step: int | None = None) -> Any:
@@ -250,17 +281,7 @@ def load_init_params(source: str | Path, abstract_encoder_params: Any,
             tree = ocp.StandardCheckpointer().restore(params_dir.absolute())
             return relayout_layers(tree, source_config, target_config)
     elif (source / CHECKPOINTS_DIRNAME).is_dir() or source.name == CHECKPOINTS_DIRNAME:
-        ckpt_dir = source if source.name == CHECKPOINTS_DIRNAME else source / CHECKPOINTS_DIRNAME
-        manager = ocp.CheckpointManager(ckpt_dir.absolute(), item_names=("state", "data", "meta"),
-                                        options=ocp.CheckpointManagerOptions(read_only=True))
-        available = sorted(manager.all_steps())
-        if not available:
-            raise FileNotFoundError(f"init_from={str(source)!r}: no checkpoint in {ckpt_dir}.")
-        if step is None:
-            step = available[-1]
-        elif step not in available:
-            raise FileNotFoundError(f"{str(source)!r} has no checkpoint of step {step}; it has "
-                                    f"steps {available}.")
+        manager, step = open_run_step(source, step)
 
         def read_tree():
             state = manager.restore(step, args=ocp.args.Composite(

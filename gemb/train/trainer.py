@@ -303,6 +303,8 @@ class CompiledSteps:
         self._eval_step = eval_step
         self._train_jits: dict = {}
         self._eval_jits: dict = {}
+        self._replicated = jax.sharding.NamedSharding(self.partitioner.mesh,
+                                                      jax.sharding.PartitionSpec())
 
     def batch_shardings(self, batch) -> Any:
         return jax.tree.map(lambda x: self.partitioner.batch_sharding(x.ndim), batch)
@@ -313,22 +315,18 @@ class CompiledSteps:
     def train_jit(self, batch):
         key = self._key(batch)
         if key not in self._train_jits:
-            replicated = jax.sharding.NamedSharding(self.partitioner.mesh,
-                                                    jax.sharding.PartitionSpec())
             self._train_jits[key] = jax.jit(
                 self._train_step, in_shardings=(self.layout.shardings, self.batch_shardings(batch)),
-                out_shardings=(self.layout.shardings, replicated), donate_argnums=(0,))
+                out_shardings=(self.layout.shardings, self._replicated), donate_argnums=(0,))
         return self._train_jits[key]
 
     def eval_jit(self, batch):
         key = self._key(batch)
         if key not in self._eval_jits:
-            replicated = jax.sharding.NamedSharding(self.partitioner.mesh,
-                                                    jax.sharding.PartitionSpec())
             self._eval_jits[key] = jax.jit(
                 self._eval_step, in_shardings=(self.layout.param_shardings,
                                                self.batch_shardings(batch)),
-                out_shardings=replicated)
+                out_shardings=self._replicated)
         return self._eval_jits[key]
 
     def check_batch(self, batch) -> None:
