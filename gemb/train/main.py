@@ -18,6 +18,7 @@ jitted step -> log -> eval hook -> checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -58,13 +59,26 @@ def _model_meta(encoder: EncoderConfig, loss: ContrastiveLossConfig,
     }
 
 
-def _check_state_structure(saved: Mapping[str, Any], expected: Mapping[str, Any], where) -> None:
-    checkpointing.check_same_model(saved, expected, where)
+def _check_resumable(saved: Mapping[str, Any], expected: Mapping[str, Any], where) -> None:
+    """Errors for a saved state this run cannot continue; notes for changes it can."""
+    compute_changes = checkpointing.check_same_model(saved, expected, where)
     if saved.get("state_structure") != expected.get("state_structure"):
         raise ValueError(
             f"{where} was trained with {saved.get('state_structure')} but this run asks for "
             f"{expected.get('state_structure')}; the optimiser state cannot carry over. Use a new "
             "MODEL_DIR (and init_from the old run to keep its params).")
+    if compute_changes:
+        print(f"Resuming with changed compute settings (the saved state fits as it is): "
+              f"{compute_changes}", flush=True)
+    old_batch = (saved.get("data") or {}).get("batch_size")
+    new_batch = expected["data"]["batch_size"]
+    if old_batch is not None and new_batch is not None and old_batch != new_batch:
+        message = (f"{where} was trained with data.batch_size={old_batch} and this run uses "
+                   f"{new_batch}. The data iterator's saved position counts batches of the old "
+                   "size, so the run continues at another point of the data (examples are "
+                   "skipped or seen again), and the step count no longer measures examples the "
+                   "same way; the learning-rate schedule continues by step.")
+        print(f"WARNING: {message}", flush=True)
 
 
 def maybe_initialize_distributed() -> None:
@@ -132,6 +146,7 @@ def train(
     tokenizer_dir: Optional[str] = None,
     export: bool = False,
     stop_after: Optional[int] = None,
+    allow_fresh_start: bool = False,
     dry_run: bool = False,
     gin_config_text: Optional[str] = None,
 ) -> dict[str, Any]:
@@ -157,6 +172,8 @@ def train(
       export: write the final params as a model folder MODEL_DIR/export (gemb embed / eval).
       stop_after: stop this process after this many steps (tests and time-boxed jobs); the run
         continues from its checkpoint next time.
+      allow_fresh_start: when model_dir has checkpoints but every one is damaged (moved to
+        checkpoints/corrupt/), start over instead of stopping with an error.
       dry_run: build and check everything (mesh, batch, model, optimiser, run folder), then
         return before any parameter is created.
     """
@@ -190,15 +207,16 @@ def train(
     tx, schedule = optimizers.make_optimizer(optimizer, num_steps)
     layout = StateLayout(encoder, loss, tx, optimizer.freeze_patterns, partitioner)
     meta = _model_meta(encoder, loss, optimizer)
+    meta["data"] = {"batch_size": batch_size}
     ckpt = checkpointing.RunCheckpointer(model_dir, checkpoint)
     latest = ckpt.latest_step()
     if latest is not None:
         try:
             saved_meta = ckpt.read_meta(latest)
-        except (OSError, ValueError):
-            saved_meta = None  # damaged: restore_latest reports it
+        except Exception:  # pylint: disable=broad-except
+            saved_meta = None  # restore_latest below tells damage from other faults
         if saved_meta is not None:
-            _check_state_structure(saved_meta, meta, ckpt.directory / str(latest))
+            _check_resumable(saved_meta, meta, ckpt.directory / str(latest))
 
     if dry_run:
         ckpt.close()
@@ -208,7 +226,10 @@ def train(
                 "data": data, "eval_hook": eval_hook}
 
     # 2. State: resume, else init_from, else random.
-    restored = ckpt.restore_latest(layout.abstract, expected_meta=meta) if latest is not None else None
+    restored = None
+    if latest is not None:
+        restored = ckpt.restore_latest(layout.abstract, expected_meta=meta,
+                                       allow_fresh_start=allow_fresh_start)
     if restored is not None:
         state, data_state, _ = restored
         print(f"Resumed {model_dir} from step {int(state.step)}.", flush=True)
@@ -220,11 +241,14 @@ def train(
                 target_config=encoder)
             params = layout.random_params(encoder, loss, seed) if "log_temperature" in layout.abstract_params else {}
             params = dict(params, encoder=encoder_params)
-            print(f"Initialised params from {init_from}.", flush=True)
+            origin = f"params from {init_from}"
         else:
             params = layout.random_params(encoder, loss, seed)
+            origin = f"random params (seed {seed})"
         state = layout.create(params, seed)
         del params
+        print(f"Starting {model_dir} from scratch at step 0 with {origin}: it has no checkpoint "
+              "to resume.", flush=True)
     print(f"Model {encoder.transformer.name}: {layout.num_params:,} params, "
           f"{layout.num_trainable:,} trainable; mesh {dict(partitioner.mesh.shape)}.", flush=True)
 
@@ -236,18 +260,24 @@ def train(
         layout, trainer.make_train_step(encoder, loss, tx, schedule, optimizer.freeze_patterns, step))
 
     # 3. Logging.
-    tb = metrics_writer.TensorBoardWriter(model_dir / "train") if is_chief else None
+    tb, metrics_file = None, None
     if is_chief:
-        # The run directory carries its tokenizer, so exports, soups and init_from of this run
-        # need nothing else.
-        from gemb.checkpoints import model_dir as model_dir_lib
+        with _writing(model_dir, ckpt):
+            tb = metrics_writer.TensorBoardWriter(model_dir / "train")
+            # The run directory carries its tokenizer, so exports, soups and init_from of this
+            # run need nothing else.
+            from gemb.checkpoints import model_dir as model_dir_lib
 
-        model_dir_lib.copy_tokenizer(tokenizer_dir or init_from, model_dir)
-    if is_chief and gin_config_text:
-        (model_dir / OPERATIVE_CONFIG).write_text(gin_config_text)
-        tb.text(int(state.step), "gin/operative_config", _markdown(gin_config_text))
+            model_dir_lib.copy_tokenizer(tokenizer_dir or init_from, model_dir)
+            if gin_config_text:
+                (model_dir / OPERATIVE_CONFIG).write_text(gin_config_text)
+                tb.text(int(state.step), "gin/operative_config", _markdown(gin_config_text))
+            # Steps after the restored one are trained again: their old records (and
+            # TensorBoard points) are dropped, so every step appears once.
+            metrics_file = metrics_writer.open_metrics_file(model_dir / METRICS_FILE,
+                                                            keep_through_step=int(state.step))
+            tb.purge_from(int(state.step) + 1)
     console = metrics_writer.ConsoleLogger(num_steps, log_every)
-    metrics_file = (model_dir / METRICS_FILE).open("a") if is_chief else None
     eval_results: dict[int, dict[str, float]] = {}
     params_encoder = None
     if eval_hook is not None and eval_hook.evaluators:
@@ -259,8 +289,9 @@ def train(
         eval_results[at_step] = results
         print(f"eval step {at_step}: {metrics_writer.format_results(results)}", flush=True)
         if tb:
-            tb.scalars(at_step, {f"eval/{k}": v for k, v in results.items()})
-            tb.flush()
+            with _writing(model_dir / "train", ckpt):
+                tb.scalars(at_step, {f"eval/{k}": v for k, v in results.items()})
+                tb.flush()
         return results
 
     first_step = int(state.step)
@@ -269,7 +300,8 @@ def train(
     console.start(first_step)
     loop_start = time.time()
     last_step = num_steps if stop_after is None else min(num_steps, first_step + stop_after)
-    stop_reason = None
+    guard = DivergenceGuard(step.nan_policy, step.max_consecutive_nonfinite, ckpt)
+    kill_after = _kill_after_step()
     try:
         for current in range(first_step, last_step):
             features = next(iterator)
@@ -278,43 +310,53 @@ def train(
             state, metrics = steps.train(state, _global_batch(batch, partitioner))
             done = current + 1
             finite = bool(metrics["finite"])  # waits for the step to finish
+            ckpt.check_for_errors()  # a failed background save stops the run now
             if current == first_step:
                 # The first step includes compilation: report it apart and keep it out of the
                 # rates, which would otherwise understate steps/s and tokens/s for a whole window.
                 print(f"step {done}: compiled and ran in {time.time() - loop_start:.1f} s",
                       flush=True)
                 console.start(done)
-            if not finite:
-                message = (f"step {done}: loss {float(metrics['loss'])} / grad norm "
-                           f"{float(metrics['grad_norm'])} is not finite")
-                if step.nan_policy == "stop":
-                    raise FloatingPointError(message + "; stopping (step.nan_policy='stop'). The "
-                                             "last checkpoint holds the state before it.")
-                if step.nan_policy == "skip":
-                    print(message + "; update skipped.", flush=True)
+            guard.record(done, finite, metrics)  # raises TrainingDiverged
             if done % log_every == 0 or done == num_steps:
                 host = {k: float(v) for k, v in metrics.items()}
                 rates = console.maybe_log(done, host) or {}
                 if is_chief:
-                    tb.scalars(done, {**{f"train/{k}": v for k, v in host.items()},
-                                      **{f"train/{k}": v for k, v in rates.items()}})
-                    metrics_file.write(json.dumps({"step": done, **host}) + "\n")
-                    metrics_file.flush()
+                    with _writing(model_dir / METRICS_FILE, ckpt):
+                        tb.scalars(done, {**{f"train/{k}": v for k, v in host.items()},
+                                          **{f"train/{k}": v for k, v in rates.items()}})
+                        metrics_file.write(json.dumps({"step": done, **host}) + "\n")
+                        metrics_file.flush()
             results = None
-            if eval_hook is not None and params_encoder and eval_hook.due(done, num_steps):
+            if finite and eval_hook is not None and params_encoder and eval_hook.due(done, num_steps):
                 results = run_eval(done)
                 console.start(done)  # evaluation time is not training throughput
             if done % checkpoint.save_every == 0 or done == num_steps or done == last_step:
-                ckpt.save(done, state, iterator.state, meta,
-                          metrics=results if checkpoint.keep_best else None,
-                          force=done == num_steps or done == last_step)
+                if finite:
+                    ckpt.save(done, state, iterator.state, meta,
+                              metrics=results if checkpoint.keep_best else None,
+                              force=done == num_steps or done == last_step)
+                else:
+                    print(f"step {done}: no checkpoint saved, the step was not finite (the "
+                          "last checkpoint keeps the state before it).", flush=True)
+            if kill_after == done:
+                _kill_self(ckpt, done)
+    except BaseException:
+        ckpt.close(quiet=True)  # the error in flight is the one to report
+        raise
+    else:
+        ckpt.close()  # the last save must land before the run reports success
     finally:
-        ckpt.close()
-        if metrics_file:
-            metrics_file.close()
-        if tb:
-            tb.flush()
-            tb.close()
+        # Closing flushes; after a full disk that fails again, and the first error is the one.
+        with contextlib.suppress(OSError):
+            if metrics_file:
+                metrics_file.close()
+            if tb:
+                tb.close()
+    trained = int(state.step) - first_step
+    if guard.skipped:
+        print(f"{guard.skipped} of {trained} steps skipped as not finite "
+              f"(step.nan_policy='{step.nan_policy}').", flush=True)
     if 0 in eval_results and num_steps in eval_results:
         before, after = eval_results[0], eval_results[num_steps]
         print("Retrieval quality before -> after training:", flush=True)
@@ -322,10 +364,99 @@ def train(
             print(f"  {key:<36} {before.get(key, float('nan')):.4f} -> {after[key]:.4f}",
                   flush=True)
     if export and int(state.step) == num_steps and is_chief:
+        if not guard.last_step_finite:
+            raise TrainingDiverged(f"not exporting {model_dir / 'export'}: the last step "
+                                   f"({num_steps}) was not finite.")
         export_model_dir(model_dir / "export", encoder, state.params["encoder"], model_dir)
     summary = {"model_dir": str(model_dir), "final_step": int(state.step), "wall_seconds": time.time() - start_time,
-               "eval": eval_results, "stop_reason": stop_reason}
+               "eval": eval_results, "stop_reason": None, "skipped_steps": guard.skipped}
     return summary
+
+
+@contextlib.contextmanager
+def _writing(path: Path, ckpt: checkpointing.RunCheckpointer):
+    """An OSError while writing the run's files becomes RunWriteError: one line naming the
+    file, the reason and the free space, instead of a traceback."""
+    try:
+        yield
+    except OSError as error:
+        where = Path(error.filename) if getattr(error, "filename", None) else path
+        raise checkpointing.RunWriteError(checkpointing.describe_write_failure(
+            "write", where, error, ckpt.resume_note())) from error
+
+
+class TrainingDiverged(FloatingPointError):
+    """The run produced non-finite steps it cannot recover from (see StepConfig.nan_policy)."""
+
+
+class DivergenceGuard:
+    """Counts non-finite steps; stops the run on the first one ('stop') or after
+    max_consecutive in a row ('skip' / 'ignore'), naming the first bad step and the last
+    checkpoint saved before it."""
+
+    def __init__(self, nan_policy: str, max_consecutive: int, ckpt: checkpointing.RunCheckpointer):
+        self.nan_policy = nan_policy
+        self.max_consecutive = max_consecutive
+        self.ckpt = ckpt
+        self.skipped = 0
+        self.first_bad_step: int | None = None
+        self.in_a_row = 0
+        self.last_step_finite = True
+
+    def record(self, step: int, finite: bool, metrics: Mapping[str, jax.Array]) -> None:
+        self.last_step_finite = finite
+        if finite:
+            self.in_a_row, self.first_bad_step = 0, None
+            return
+        self.in_a_row += 1
+        if self.first_bad_step is None:
+            self.first_bad_step = step
+        if self.nan_policy == "skip":
+            self.skipped += 1
+        values = (f"loss {float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])}, "
+                  f"update norm {float(metrics['update_norm'])}")
+        if self.nan_policy == "stop":
+            raise TrainingDiverged(f"step {step} is not finite ({values}); stopping "
+                                   f"(step.nan_policy='stop'). {self._resume_hint()}")
+        action = "update skipped" if self.nan_policy == "skip" else "applied anyway (nan_policy='ignore')"
+        print(f"step {step}: not finite ({values}); {action} "
+              f"[{self.in_a_row} in a row, limit {self.max_consecutive}].", flush=True)
+        if self.in_a_row >= self.max_consecutive:
+            raise TrainingDiverged(
+                f"training diverged: {self.in_a_row} non-finite steps in a row, the first at step "
+                f"{self.first_bad_step} (limit: step.max_consecutive_nonfinite="
+                f"{self.max_consecutive}). {self._resume_hint()}")
+
+    def _resume_hint(self) -> str:
+        self.ckpt.wait()  # a save still in flight is of a good step: count it
+        good = [s for s in self.ckpt.all_steps() if s < (self.first_bad_step or 0)]
+        if good:
+            hint = (f"The last good checkpoint is step {good[-1]} in {self.ckpt.directory}; a "
+                    "rerun resumes from it (lower the learning rate or fix the data first).")
+            if good[-1] == self.first_bad_step - 1:
+                hint += (" The bad steps start right after it, so its params may already be "
+                         "the cause: if the rerun diverges again, start from an earlier step.")
+            return hint
+        return ("No checkpoint was saved before it, so a rerun starts again from step 0; lower "
+                "the learning rate or fix the data first.")
+
+
+_KILL_AFTER_STEP_ENV = "GEMB_KILL_AFTER_STEP"
+
+
+def _kill_after_step() -> int | None:
+    """A fault drill for tests: GEMB_KILL_AFTER_STEP=N makes the process SIGKILL itself right
+    after step N, once every checkpoint it started is on disk, like a machine that dies there."""
+    value = os.environ.get(_KILL_AFTER_STEP_ENV)
+    return int(value) if value else None
+
+
+def _kill_self(ckpt: checkpointing.RunCheckpointer, step: int) -> None:
+    import signal
+
+    ckpt.wait()
+    print(f"{_KILL_AFTER_STEP_ENV}={step}: killing this process (SIGKILL).", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def export_model_dir(out: Path, encoder: EncoderConfig, encoder_params, tokenizer_dir) -> Path:
@@ -431,7 +562,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     maybe_initialize_distributed()
     parse_gin(args.gin_file, args.bindings, args.gin_search_path)
     config_text = gin.config_str()
-    result = train(gin_config_text=config_text)  # pylint: disable=no-value-for-parameter
+    try:
+        result = train(gin_config_text=config_text)  # pylint: disable=no-value-for-parameter
+    except (TrainingDiverged, checkpointing.CheckpointRestoreError,
+            checkpointing.RunWriteError) as error:
+        # gin appends "In call to configurable 'train'" to the message: the first line says it.
+        print(f"gemb train: {str(error).splitlines()[0]}", file=sys.stderr, flush=True)
+        return 1
     if jax.process_index() == 0:
         # Now every configurable has been called: the operative config is complete.
         Path(result["model_dir"], OPERATIVE_CONFIG).write_text(gin.operative_config_str())

@@ -1,13 +1,17 @@
 """Console lines and TensorBoard event files for a run, and the eval hook.
 
-TensorBoard events are written with tensorboard's own EventFileWriter and protos, so logging
+TensorBoard events are written with tensorboard's own record format and protos, so logging
 needs neither TensorFlow nor torch (DESIGN.md convention 10).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -17,23 +21,39 @@ import numpy as np
 from gemb.progress import format_duration
 
 log = logging.getLogger(__name__)
+_WRITER_IDS = itertools.count()  # two writers of one process in one second get two files
 
 
 class TensorBoardWriter:
-    """Scalars and text into MODEL_DIR/<subdir>/events.out.tfevents.*."""
+    """Scalars and text into MODEL_DIR/<subdir>/events.out.tfevents.*.
+
+    Events are written in the caller's thread, straight to a local file: a failed write (a
+    full disk) is an OSError where it happens, which the trainer turns into one clear line.
+    tensorboard's EventFileWriter would write from a background thread through tf.io.gfile
+    whenever TensorFlow is installed, printing the failure as a thread traceback and raising
+    a TensorFlow error one write later. A few scalars every log_every steps cost nothing.
+    """
 
     def __init__(self, logdir: str | Path):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
 
         Path(logdir).mkdir(parents=True, exist_ok=True)
-        self._writer = EventFileWriter(str(logdir))
+        name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                f"{os.getpid()}.{next(_WRITER_IDS)}")
+        self.path = Path(logdir) / name
+        self._records = RecordWriter(self.path.open("wb"))
+        self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self.flush()
+
+    def _add(self, event) -> None:
+        self._records.write(event.SerializeToString())
 
     def _event(self, step: int, value) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2
 
         summary = summary_pb2.Summary(value=[value])
-        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                               summary=summary))
+        self._add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         from tensorboard.compat.proto import summary_pb2
@@ -50,11 +70,22 @@ class TensorBoardWriter:
             plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
         self._event(step, summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=metadata))
 
+    def purge_from(self, step: int) -> None:
+        """Tells TensorBoard to drop this run's earlier points at steps >= `step` (a resumed run
+        trains those steps again): a SessionLog START event, which TensorBoard's loaders treat
+        as "discard what came after this step in earlier files"."""
+        from tensorboard.compat.proto import event_pb2
+
+        self._add(event_pb2.Event(
+            wall_time=time.time(), step=int(step),
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
     def flush(self) -> None:
-        self._writer.flush()
+        self._records.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if not self._records.closed:
+            self._records.close()
 
 
 def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -72,6 +103,25 @@ def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
                         (event.step, float(np.frombuffer(value.tensor.tensor_content, np.float32)[0])
                          if value.tensor.tensor_content else float(value.tensor.float_val[0])))
     return out
+
+
+def open_metrics_file(path: Path, keep_through_step: int):
+    """The run's JSONL metrics file opened for appending, after dropping the records of steps
+    after `keep_through_step` (those a resumed run trains again). Rewritten atomically, so a
+    crash here leaves the old file."""
+    path = Path(path)
+    if path.exists():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line)["step"]) <= keep_through_step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill -9 mid-write
+        staging = path.with_name(path.name + ".tmp")
+        staging.write_text("".join(line + "\n" for line in kept))
+        os.replace(staging, path)
+    return path.open("a")
 
 
 @dataclasses.dataclass

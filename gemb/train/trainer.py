@@ -52,14 +52,18 @@ class StepConfig:
       microbatches: accumulate the gradient over this many microbatches. Each microbatch is its
         own contrastive problem (its in-batch negatives are its own examples), so this is NOT
         equivalent to a bigger batch; gradient caching is (use that to grow the batch).
-      nan_policy: what to do when the loss or the gradient is not finite: 'skip' the update
-        (the step counter and the data still advance), 'stop' training with an error naming
-        the step, or 'ignore'.
+      nan_policy: what to do when a step is not finite (its loss, gradient, update or new
+        params hold a NaN or an infinity): 'skip' the update (the step counter and the data
+        still advance), 'stop' training with an error naming the step, or 'ignore' (apply it).
+      max_consecutive_nonfinite: with 'skip' (or 'ignore'), stop training with an error after
+        this many non-finite steps in a row: a run that keeps producing NaN has diverged, and
+        skipping on would only burn accelerator time and write nothing useful.
     """
 
     gradient_cache_chunk: int | None = None
     microbatches: int = 1
     nan_policy: str = "skip"
+    max_consecutive_nonfinite: int = 5
 
     def __post_init__(self):
         if self.nan_policy not in ("skip", "stop", "ignore"):
@@ -67,6 +71,9 @@ class StepConfig:
                              "'ignore'.")
         if self.microbatches < 1:
             raise ValueError(f"StepConfig.microbatches must be >= 1, got {self.microbatches}.")
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError("StepConfig.max_consecutive_nonfinite must be >= 1, got "
+                             f"{self.max_consecutive_nonfinite}.")
         if self.gradient_cache_chunk is not None and self.gradient_cache_chunk < 1:
             raise ValueError("StepConfig.gradient_cache_chunk must be a positive number of rows "
                              f"or None, got {self.gradient_cache_chunk}.")
@@ -246,6 +253,13 @@ def make_value_and_grad(embed_fn, loss_fn, step_config: StepConfig):
     return accumulated
 
 
+def all_finite(tree) -> jax.Array:
+    """One bool: every element of every floating-point leaf is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def make_train_step(encoder_config: EncoderConfig, loss_config: ContrastiveLossConfig,
                     tx: optax.GradientTransformation, schedule: optax.Schedule,
                     freeze_patterns, step_config: StepConfig = StepConfig()) -> Callable:
@@ -266,7 +280,11 @@ def make_train_step(encoder_config: EncoderConfig, loss_config: ContrastiveLossC
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        update_norm = optax.global_norm(updates)
+        # A finite loss and gradient can still give an infinite update (Adam's moments) or
+        # overflow a parameter; any of them poisons every later step.
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+                  & all_finite(new_trainable))
         if step_config.nan_policy != "ignore":
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa
             new_trainable = keep(new_trainable, trainable)
@@ -274,6 +292,7 @@ def make_train_step(encoder_config: EncoderConfig, loss_config: ContrastiveLossC
         new_state = state.replace(step=state.step + 1, params=merge(new_trainable),
                                   opt_state=opt_state)
         metrics = dict(metrics, loss=loss.astype(jnp.float32), grad_norm=grad_norm,
+                       update_norm=update_norm,
                        learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
                        finite=finite)
         return new_state, metrics

@@ -49,8 +49,8 @@ TEMPERATURE = 0.05
 BATCH, DIM = 6, 16
 
 
-class FixedEmbeddingModel(torch.nn.Module):
-    """Stands in for a SentenceTransformer: a column's "features" already are its embeddings."""
+class FixedEmbeddings(torch.nn.Module):
+    """A module whose input "features" already are the embeddings."""
 
     def __init__(self, dim):
         super().__init__()
@@ -62,6 +62,14 @@ class FixedEmbeddingModel(torch.nn.Module):
 
     def get_embedding_dimension(self):
         return self.dim
+
+
+def fixed_embedding_model(dim):
+    """A real SentenceTransformer around FixedEmbeddings, so the losses see the model class
+    they are written for (they call its methods, private ones included) on any version."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(modules=[FixedEmbeddings(dim)], device="cpu")
 
 
 def random_columns(seed, num_negatives):
@@ -86,7 +94,7 @@ def gemb_value(columns, config):
 
 def mnrl(**kwargs):
     return st_losses.MultipleNegativesRankingLoss(
-        FixedEmbeddingModel(DIM), scale=1.0 / TEMPERATURE, **kwargs
+        fixed_embedding_model(DIM), scale=1.0 / TEMPERATURE, **kwargs
     )
 
 
@@ -124,7 +132,7 @@ def test_multiple_negatives_ranking_loss(num_negatives, st_options, gemb_options
 def test_matryoshka_loss(num_negatives):
     columns = random_columns(seed=10 + num_negatives, num_negatives=num_negatives)
     dims, weights = (4, 8, 16), (0.25, 0.5, 1.0)
-    model = FixedEmbeddingModel(DIM)
+    model = fixed_embedding_model(DIM)
     st_loss = st_losses.MatryoshkaLoss(
         model,
         st_losses.MultipleNegativesRankingLoss(model, scale=1.0 / TEMPERATURE),

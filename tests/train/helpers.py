@@ -46,3 +46,22 @@ def run_losses(partitioner, batches, step_config=trainer.StepConfig(), **kwargs)
         state, metrics = steps.train(state, batch)
         losses.append(float(metrics["loss"]))
     return np.array(losses), state
+
+
+def save_checkpoints(directory, steps_to_save, async_save=True):
+    """Trains SMALL on synthetic batches and checkpoints the given steps into a run directory.
+    Returns (state layout, meta record, {step: the saved state tree as numpy})."""
+    from gemb.train import checkpointing, main as train_main
+
+    layout, state, steps = build(partitioner_for((1, 1, 1), 1))
+    config = checkpointing.CheckpointConfig(keep=5, async_save=async_save)
+    ckpt = checkpointing.RunCheckpointer(directory, config)
+    meta = train_main._model_meta(SMALL, LOSS, OPTIMIZER)
+    saved = {}
+    for i, batch in enumerate(synthetic_batches(max(steps_to_save))):
+        state, _ = steps.train(state, batch)
+        if i + 1 in steps_to_save:
+            ckpt.save(i + 1, state, {"batch_index": i + 1}, meta)
+            saved[i + 1] = jax.tree.map(np.asarray, state.to_tree())
+    ckpt.close()
+    return layout, meta, saved

@@ -12,31 +12,17 @@ from gemb.models.config import TINY_ENCODER
 from gemb.train import checkpointing, main as train_main
 from gemb.train.data import SyntheticData
 
-from helpers import LOSS, OPTIMIZER, SMALL, build, partitioner_for, synthetic_batches
-
-
-def _save_steps(directory, steps_to_save):
-    partitioner = partitioner_for((1, 1, 1), 1)
-    layout, state, steps = build(partitioner)
-    ckpt = checkpointing.RunCheckpointer(directory, checkpointing.CheckpointConfig(keep=5))
-    meta = train_main._model_meta(SMALL, LOSS, OPTIMIZER)
-    saved = {}
-    for i, batch in enumerate(synthetic_batches(max(steps_to_save))):
-        state, _ = steps.train(state, batch)
-        if i + 1 in steps_to_save:
-            ckpt.save(i + 1, state, {"batch_index": i + 1}, meta)
-            saved[i + 1] = jax.tree.map(np.asarray, state.params)
-    ckpt.close()
-    return layout, meta, saved
+from helpers import (LOSS, OPTIMIZER, SMALL, build, partitioner_for, save_checkpoints,
+                     synthetic_batches)
 
 
 def test_round_trip_and_damaged_latest_falls_back(tmp_path, capsys):
-    layout, meta, saved = _save_steps(tmp_path, {2, 3})
+    layout, meta, saved = save_checkpoints(tmp_path, {2, 3})
     ckpt = checkpointing.RunCheckpointer(tmp_path)
     state, data_state, _ = ckpt.restore_latest(layout.abstract, meta)
     assert int(state.step) == 3 and data_state["batch_index"] == 3
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params,
-                 saved[3])
+                 saved[3]["params"])
     # Damage step 3: truncate every array file of its state.
     for path in (tmp_path / "checkpoints" / "3" / "state").rglob("*"):
         if path.is_file() and path.stat().st_size > 0 and "metadata" not in path.name:
@@ -50,7 +36,7 @@ def test_round_trip_and_damaged_latest_falls_back(tmp_path, capsys):
 
 
 def test_run_dir_of_another_model_is_an_error(tmp_path):
-    _save_steps(tmp_path, {1})
+    save_checkpoints(tmp_path, {1})
     other = SMALL.replace(head_dims=(48,), matryoshka_dims=(48, 24))
     with pytest.raises(ValueError, match="another model"):
         train_main.train(model_dir=str(tmp_path), encoder=other, data=SyntheticData(batch_size=8),
