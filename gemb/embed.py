@@ -46,6 +46,36 @@ def length_bucket(length: int, max_length: int) -> int:
     return min(max_length, max(MIN_BUCKET, 1 << math.ceil(math.log2(max(length, 1)))))
 
 
+def rows_bucket(rows: int, batch_size: int, multiple: int) -> int:
+    """Rows of a (possibly partial) batch: the next power of two, a multiple of `multiple`, at
+    most batch_size. A few long texts then run as a few rows, not a full padded batch, and the
+    row counts stay few enough to compile each once."""
+    bucket = min(batch_size, 1 << math.ceil(math.log2(max(rows, 1))))
+    return max(multiple, -(-bucket // multiple) * multiple)
+
+
+class InputError(ValueError):
+    """A text that cannot be embedded; the message names it (file:line, or texts[i])."""
+
+
+def _text_name(names: Sequence[str] | None, index: int) -> str:
+    return names[index] if names is not None else f"texts[{index}]"
+
+
+def check_texts(texts: Sequence[Any], names: Sequence[str] | None = None) -> None:
+    """Every text is a str with something in it (checked BEFORE a template is applied: an empty
+    text inside a template would embed the bare prompt)."""
+    if isinstance(texts, str):
+        raise TypeError("encode() takes a list of texts; wrap a single text in a list.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{_text_name(names, i)} is a {type(text).__name__}, not a str; "
+                            "convert it first.")
+        if not text.strip():
+            raise InputError(f"{_text_name(names, i)} is empty or only whitespace; an empty text "
+                             "has no meaning to embed. Remove it or replace it with real text.")
+
+
 class TextEncoder:
     """Holds a model's params on the devices and encodes lists of texts."""
 
@@ -112,19 +142,17 @@ class TextEncoder:
             return [template.document(text) for text in texts]
         return [template.query(text) for text in texts]
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+    def tokenize(self, texts: Sequence[str], names: Sequence[str] | None = None
+                 ) -> list[list[int]]:
+        """Token ids of each text (BOS first), cut to max_length (or an error, on_overlong)."""
+        check_texts(texts, names)
         ids = []
         for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"text {i} is a {type(text).__name__}, not a str; convert it first.")
-            if not text.strip():
-                raise ValueError(f"text {i} is empty or only whitespace; an empty text has no "
-                                 "meaning to embed. Remove it or replace it with real text.")
             tokens = self.tokenizer.encode(text)
             if len(tokens) > self.max_length:
                 if self.on_overlong == "error":
-                    raise ValueError(
-                        f"text {i} has {len(tokens)} tokens, more than max_length="
+                    raise InputError(
+                        f"{_text_name(names, i)} has {len(tokens)} tokens, more than max_length="
                         f"{self.max_length}; raise max_length (--max-length) or allow truncation "
                         "(--on-overlong truncate).")
                 self.truncated_count += 1
@@ -133,16 +161,17 @@ class TextEncoder:
         return ids
 
     def encode(self, texts: Sequence[str], role: str | None = None,
-               progress: bool | None = None, task: str | None = None) -> np.ndarray:
+               progress: bool | None = None, task: str | None = None,
+               names: Sequence[str] | None = None) -> np.ndarray:
         """[len(texts), dim] float32 embeddings, in the order of texts.
 
         role: "query" or "document"; task: a template kind (overrides the encoder's own task);
-        with neither task set, texts are encoded as given.
+        with neither task set, texts are encoded as given. names: what errors call each text
+        (e.g. "texts.txt:12"; default "texts[i]").
         """
-        if isinstance(texts, str):
-            raise TypeError("encode() takes a list of texts; wrap a single text in a list.")
+        check_texts(texts, names)
         truncated_before = self.truncated_count
-        token_lists = self.tokenize(self.format(texts, role, task))
+        token_lists = self.tokenize(self.format(texts, role, task), names)
         if self.truncated_count > truncated_before:
             log.warning("%d of %d texts were longer than max_length=%d tokens and were truncated.",
                         self.truncated_count - truncated_before, len(texts), self.max_length)
@@ -166,8 +195,9 @@ class TextEncoder:
                       result: np.ndarray) -> None:
         """Runs one padded batch (rows `chosen` of token_lists) and writes its rows of result."""
         length = length_bucket(max(len(token_lists[i]) for i in chosen), self.max_length)
-        tokens = np.zeros((self.batch_size, length), np.int32)
-        segments = np.zeros((self.batch_size, length), np.int32)
+        rows = rows_bucket(len(chosen), self.batch_size, self.partitioner.data_parallel_size)
+        tokens = np.zeros((rows, length), np.int32)
+        segments = np.zeros((rows, length), np.int32)
         for row, i in enumerate(chosen):
             tokens[row, : len(token_lists[i])] = token_lists[i]
             segments[row, : len(token_lists[i])] = 1
@@ -196,25 +226,61 @@ def load_encoder(model_dir: str | Path, *, dim: int | None = None, head: bool = 
                        partitioner=partitioner)
 
 
-def read_texts(path: Path, field: str) -> list[str]:
+def _decoded_lines(path: Path) -> list[tuple[int, str]]:
+    """(1-based line number, text) of every line of a UTF-8 file, split on "\n" only.
+
+    str.splitlines() would also split on U+2028, U+0085, form feeds and other separators that
+    occur inside real text, giving more rows than the file has lines. A final newline ends the
+    last line (it does not start an empty one); a "\r" before "\n" and a UTF-8 BOM are dropped.
+    """
+    data = path.read_bytes()
+    raw_lines = data.split(b"\n")
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()
+    lines = []
+    for number, raw in enumerate(raw_lines, 1):
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            lines.append((number, raw.decode("utf-8")))
+        except UnicodeDecodeError as error:
+            raise InputError(
+                f"{path}:{number}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column "
+                f"{error.start + 1}); re-encode the file as UTF-8, e.g. "
+                f"iconv -f latin1 -t utf-8 {path}.") from None
+    return lines
+
+
+def read_texts(path: Path, field: str = "text") -> tuple[list[str], list[str]]:
+    """(texts, names) of a .txt file (one text per line) or a .jsonl file (one record per line,
+    the text in `field`); names are "path:line" for error messages."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--input {path} does not exist.")
-    if path.suffix == ".jsonl":
-        texts = []
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number} is not valid JSON ({error}).") from error
-                if field not in record:
-                    raise ValueError(f"{path}:{number} has no {field!r} field (fields: "
-                                     f"{sorted(record)}); pass --text-field NAME.")
-                texts.append(record[field])
-        return texts
-    return path.read_text(encoding="utf-8").splitlines()
+    texts, names = [], []
+    for number, line in _decoded_lines(path):
+        name = f"{path}:{number}"
+        if path.suffix == ".jsonl":
+            if not line.strip():
+                continue  # a blank line between records is not a record
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{name} is not valid JSON ({error}).") from None
+            if not isinstance(record, dict) or field not in record:
+                fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise InputError(f"{name} has no {field!r} field (fields: {fields}); pass "
+                                 "--text-field NAME.")
+            line = record[field]
+            if not isinstance(line, str):
+                raise InputError(f"{name}: field {field!r} is a {type(line).__name__}, not a "
+                                 "string.")
+        texts.append(line)
+        names.append(name)
+    check_texts(texts, names)
+    return texts, names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,14 +300,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=None,
                         help=f"tokens per text (default {DEFAULT_MAX_LENGTH}, or the model's limit)")
     parser.add_argument("--on-overlong", default="truncate", choices=["truncate", "error"])
+    parser.add_argument("--allow-empty-input", action="store_true",
+                        help="an input with no texts writes an empty (0, dim) array (with a "
+                             "warning) instead of failing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    texts = read_texts(args.input, args.text_field)
-    start = time.time()
-    encoder = load_encoder(args.model, dim=args.dim, head=args.head != "none",
-                           batch_size=args.batch_size, max_length=args.max_length,
-                           on_overlong=args.on_overlong, task=args.task)
-    vectors = encoder.encode(texts, role=args.role, progress=True)
+    try:
+        texts, names = read_texts(args.input, args.text_field)
+        if not texts and not args.allow_empty_input:
+            raise InputError(f"{args.input} holds no texts; nothing to embed. Pass "
+                             "--allow-empty-input to write an empty array instead.")
+        start = time.time()
+        encoder = load_encoder(args.model, dim=args.dim, head=args.head != "none",
+                               batch_size=args.batch_size, max_length=args.max_length,
+                               on_overlong=args.on_overlong, task=args.task)
+        if not texts:
+            log.warning("%s holds no texts; writing an empty array.", args.input)
+        vectors = encoder.encode(texts, role=args.role, progress=True, names=names)
+    except (InputError, FileNotFoundError) as error:
+        print(f"gemb embed: {error}", file=sys.stderr)
+        return 2
     np.save(args.output, vectors)
     print(f"wrote {vectors.shape} to {args.output} in {time.time() - start:.1f} s"
           + (f" ({encoder.truncated_count} texts truncated)" if encoder.truncated_count else ""),

@@ -73,21 +73,21 @@ def test_overlong_text_truncates_with_a_count_or_errors(tiny_model, caplog):
     assert encoder.truncated_count == 1 and np.isfinite(vectors).all()
     assert "1 of 2 texts were longer than max_length=16" in caplog.text
     strict = embed.load_encoder(tiny_model, max_length=16, on_overlong="error", partitioner=_one_device())
-    with pytest.raises(ValueError, match="text 0 has 41 tokens, more than max_length=16"):
+    with pytest.raises(ValueError, match=r"texts\[0\] has 41 tokens, more than max_length=16"):
         strict.encode([long_text])
 
 
 def test_bad_texts_are_named(tiny_model):
     encoder = embed.load_encoder(tiny_model, partitioner=_one_device())
-    with pytest.raises(ValueError, match="text 1 is empty"):
+    with pytest.raises(ValueError, match=r"texts\[1\] is empty"):
         encoder.encode(["paris", "   "])
-    with pytest.raises(TypeError, match="text 0 is a int"):
+    with pytest.raises(TypeError, match=r"texts\[0\] is a int"):
         encoder.encode([3])
     with pytest.raises(TypeError, match="list of texts"):
         encoder.encode("paris")
 
 
-def test_cli_txt_and_jsonl(tiny_model, tmp_path):
+def test_cli_txt_and_jsonl(tiny_model, tmp_path, capsys):
     txt = tmp_path / "in.txt"
     txt.write_text("\n".join(TEXTS) + "\n")
     out = tmp_path / "out.npy"
@@ -99,5 +99,73 @@ def test_cli_txt_and_jsonl(tiny_model, tmp_path):
     assert embed.main(["--model", str(tiny_model), "--input", str(jsonl), "--output", str(out),
                        "--text-field", "body", "--head", "none"]) == 0
     assert np.load(out).shape == (len(TEXTS), 64)
-    with pytest.raises(ValueError, match=r"in.jsonl:1 has no 'text' field"):
-        embed.main(["--model", str(tiny_model), "--input", str(jsonl), "--output", str(out)])
+    assert embed.main(["--model", str(tiny_model), "--input", str(jsonl), "--output",
+                       str(out)]) == 2
+    assert "in.jsonl:1 has no 'text' field" in capsys.readouterr().err
+
+
+def _embed_file(tiny_model, tmp_path, content: bytes, *extra, suffix=".txt"):
+    source = tmp_path / f"in{suffix}"
+    source.write_bytes(content)
+    out = tmp_path / "out.npy"
+    if out.exists():
+        out.unlink()
+    code = embed.main(["--model", str(tiny_model), "--input", str(source), "--output", str(out),
+                       *extra])
+    return code, (np.load(out) if out.exists() else None), source
+
+
+def test_cli_rows_are_lines_split_on_newline_only(tiny_model, tmp_path):
+    # U+2028, U+0085, form feed and the \x1c-\x1e separators are text, not line ends.
+    lines = ["first\u2028still first", "second\x85and\x0cthird\x1cfourth\x1d\x1e", "last"]
+    code, vectors, _ = _embed_file(tiny_model, tmp_path, "\r\n".join(lines).encode() + b"\r\n")
+    assert code == 0 and vectors.shape[0] == 3
+    expected = embed.load_encoder(tiny_model, partitioner=_one_device()).encode(lines)
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+
+
+def test_cli_empty_line_is_an_error_with_its_line_even_with_a_task(tiny_model, tmp_path, capsys):
+    code, vectors, source = _embed_file(tiny_model, tmp_path, b"paris\n\nlondon\n",
+                                        "--task", "search")
+    assert code == 2 and vectors is None
+    assert f"{source}:2 is empty or only whitespace" in capsys.readouterr().err
+    jsonl = b'{"text": "paris"}\n{"text": "  "}\n'
+    code, _, source = _embed_file(tiny_model, tmp_path, jsonl, "--task", "search", suffix=".jsonl")
+    assert code == 2 and f"{source}:2 is empty" in capsys.readouterr().err
+
+
+def test_cli_bad_utf8_names_file_line_and_column(tiny_model, tmp_path, capsys):
+    code, vectors, source = _embed_file(tiny_model, tmp_path, b"paris\ncaf\xe9 au lait\n")
+    assert code == 2 and vectors is None
+    assert f"{source}:2: not valid UTF-8 (byte 0xe9 at column 4)" in capsys.readouterr().err
+
+
+def test_cli_empty_input_is_an_error_unless_allowed(tiny_model, tmp_path, capsys):
+    code, vectors, source = _embed_file(tiny_model, tmp_path, b"")
+    assert code == 2 and vectors is None
+    assert "holds no texts" in capsys.readouterr().err
+    code, vectors, _ = _embed_file(tiny_model, tmp_path, b"", "--allow-empty-input", "--dim", "48")
+    assert code == 0 and vectors.shape == (0, 48)
+
+
+def test_overlong_texts_run_in_small_batches(tiny_model):
+    """A long text is cut to max_length and padded with as few rows as the batch holds, not
+    into a full batch of batch_size rows."""
+    encoder = embed.load_encoder(tiny_model, batch_size=32, max_length=256,
+                                 partitioner=_one_device())
+    shapes = []
+    forward = encoder._forward
+    encoder._forward = lambda params, tokens, segments: (shapes.append(tokens.shape),
+                                                         forward(params, tokens, segments))[1]
+    long_text = " ".join(["code"] * 5000)
+    alone = encoder.encode([long_text])
+    assert shapes == [(1, 256)]
+    shapes.clear()
+    vectors = encoder.encode([long_text] + TEXTS)
+    assert shapes == [(16, 256)]  # 9 texts: the next power of two rows, not 32
+    np.testing.assert_allclose(vectors[0], alone[0], atol=1e-5)
+    shapes.clear()
+    encoder.batch_size = 4
+    np.testing.assert_allclose(encoder.encode([long_text] + TEXTS), vectors, atol=1e-5)
+    assert shapes == [(4, 256), (4, 16), (1, 16)]  # longest first; the short ones stay short
+    assert encoder.truncated_count == 3
