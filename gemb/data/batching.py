@@ -33,6 +33,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from gemb import quiet_imports
 from gemb.data import sources
 from gemb.data.feature_converter import FeatureConverter, RoleTokens, TokenBatch
 
@@ -112,7 +113,11 @@ class _TaskStream:
                 f"{shard.num_shards} hosts reading it; drop it from the mixture or use fewer hosts."
             )
         self.num_negatives = int(self.examples[sources.NEGATIVES].shape[1])
-        self._iterator = self._build(seed, shard, batch_size, sequence_length, consumed, prefetch)
+        # A pipeline's start is where TensorFlow and SentencePiece print their start-up lines.
+        with quiet_imports.native_stderr_filtered():
+            self._iterator = self._build(seed, shard, batch_size, sequence_length, consumed,
+                                         prefetch)
+        self._started = False
 
     def _build(self, seed, shard, batch_size, sequence_length, consumed, prefetch):
         task_name, n, epoch_length = self.task.name, self.num_examples, self.epoch_length
@@ -138,7 +143,12 @@ class _TaskStream:
         return dataset.prefetch(prefetch).as_numpy_iterator()
 
     def next_batch(self) -> TokenBatch:
-        flat = next(self._iterator)
+        if self._started:
+            flat = next(self._iterator)
+        else:
+            with quiet_imports.native_stderr_filtered():
+                flat = next(self._iterator)
+            self._started = True
         batch_size = len(flat["query_lengths"])
         return TokenBatch(
             query=RoleTokens(flat["query_values"], flat["query_lengths"]),

@@ -1,22 +1,28 @@
-"""An offline (docstring -> code) retrieval corpus mined from the installed Python.
+"""An offline (docstring -> code) retrieval corpus mined from installed Python packages.
 
-Every machine that runs gemb has a Python standard library and a site-packages folder full of
-documented functions, so this corpus needs no network and no download: it is the embedded default
-for the quickstart. Each pair is
+Every machine that runs gemb has the packages gemb itself depends on, so this corpus needs no
+network and no download: it is the embedded default for the quickstart. Each pair is
 
   query    = the first paragraph of a function's docstring (whitespace collapsed)
   positive = the function's source (decorators and signature included) with the docstring removed
 
+Which sources: by default a fixed list of distributions at the exact versions setup.py pins
+(PINNED_DISTRIBUTIONS; a test keeps the two in step), read through their installed file lists
+(RECORD). Which other packages happen to be installed, or which Python patch release runs it,
+does not change the corpus, so a fresh install builds the same files and the quickstart prints
+the same figures everywhere. A pinned distribution installed at another version is mined with a
+warning, and the manifest says so. `MiningConfig(roots=...)` mines folders instead;
+`installed_roots()` gives the standard library and every site-packages folder (a bigger
+corpus that depends on the machine).
+
 How the corpus stays honest and reproducible:
 - Splits are by module, decided by a hash of the module's *canonical* name (vendored copies such
   as ``pip._vendor.packaging.version`` count as ``packaging.version``), so a module is in the same
-  split on every machine, and installing another package never moves an existing module between
-  splits. Only the counts depend on the environment (Python version, installed packages): the
-  manifest written beside the files records them.
+  split on every machine, and adding a source never moves an existing module between splits.
 - Exact duplicates are removed: a code body or a query that appears in training never appears in
   validation or test, and each split keeps one pair per query and per code body.
 - Output is deterministic: files are visited in sorted order and records are written in sorted
-  order with sorted JSON keys, so two builds on the same machine give byte-identical files.
+  order with sorted JSON keys, so two builds give byte-identical files.
 
 The built files are cached under ``gemb.paths.cache_dir()/docstring_code/<key>/`` where the key
 covers the mining rules and the (path, size, mtime) of every visited file.
@@ -48,7 +54,7 @@ from gemb import paths
 log = logging.getLogger(__name__)
 
 # Bump when the mining rules change the output: it is part of the cache key.
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: mined from PINNED_DISTRIBUTIONS by default
 SPLITS = ("train", "validation", "test")
 
 # Path components that mark a vendored copy of another package: the canonical module name is
@@ -67,24 +73,46 @@ _SKIPPED_DIR_NAMES = frozenset(
 _MODULE_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+# The quickstart corpus' sources: (distribution, version) exactly as setup.py pins them
+# (tests/data/test_code_corpus.py checks that they agree). Well-documented libraries gemb
+# installs anyway; each is capped at MiningConfig.max_bytes_per_package of source.
+PINNED_DISTRIBUTIONS = (
+    ("flax", "0.12.8"),
+    ("gin-config", "0.5.0"),
+    ("gguf", "0.19.0"),
+    ("jax", "0.10.2"),
+    ("numpy", "2.4.6"),
+    ("optax", "0.2.8"),
+    ("orbax-checkpoint", "0.12.8"),
+    ("scikit-learn", "1.9.1"),
+    ("scipy", "1.17.1"),
+    ("seqio", "0.0.20"),
+    ("tensorboard", "2.21.0"),
+    ("tensorflow", "2.21.0"),
+    ("tensorflow-datasets", "4.9.10"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class MiningConfig:
     """Rules for mining; every field is part of the cache key.
 
-    roots: (label, folder) pairs to mine; None means the standard library and site-packages.
+    distributions: (name, version) of the installed distributions to mine (their RECORD files).
+    roots: (label, folder) pairs to mine instead, when given (e.g. installed_roots()).
     """
 
+    distributions: tuple[tuple[str, str], ...] = PINNED_DISTRIBUTIONS
     roots: Optional[tuple[tuple[str, str], ...]] = None
     validation_fraction: float = 0.05
     test_fraction: float = 0.08
     # Huge files are nearly always generated code (op wrappers, unicode tables): slow to parse and
     # poor queries.
     max_file_bytes: int = 300_000
-    # Bytes of source mined per top-level package. A few huge packages (transformers, torch,
-    # tensorflow) would otherwise dominate the corpus with near-copies of one another and make
-    # the build slow; within a package, files are taken in the order of a hash of their module
-    # name, so the choice does not depend on which other packages are installed.
-    max_bytes_per_package: int = 1_500_000
+    # Bytes of source mined per top-level package. A few huge packages (tensorflow, scipy;
+    # transformers and torch when mining installed_roots()) would otherwise dominate the corpus
+    # and make the build slow; within a package, files are taken in the order of a hash of
+    # their module name, so the choice does not depend on which other packages are installed.
+    max_bytes_per_package: int = 4_000_000
     min_query_chars: int = 20
     min_query_words: int = 3
     max_query_chars: int = 1000
@@ -93,7 +121,7 @@ class MiningConfig:
     num_workers: int = 2
 
 
-def default_roots() -> tuple[tuple[str, str], ...]:
+def installed_roots() -> tuple[tuple[str, str], ...]:
     """The standard library and every site-packages folder of this interpreter, deduplicated."""
     roots = []
     seen = set()
@@ -131,11 +159,20 @@ def _module_hash(module: str, salt: bytes) -> bytes:
     return hashlib.sha256(salt + canonical_module(module).encode()).digest()
 
 
-def list_module_files(
-    roots: Sequence[tuple[str, str]], max_file_bytes: int, max_bytes_per_package: Optional[int] = None
-) -> list[tuple[str, str, str]]:
-    """Sorted (module name, root label, file path) of the .py files to mine under the roots."""
-    found: dict[str, tuple[str, str, str, int]] = {}
+def _module_name(parts: Sequence[str]) -> Optional[str]:
+    """"a.b.c" for the path parts ("a", "b", "c.py"); None for files that are not mined."""
+    *folders, name = parts
+    stem = name[:-3]
+    if (not name.endswith(".py") or not _MODULE_PART.match(stem) or stem.startswith("test_")
+            or stem.endswith("_test")):
+        return None
+    if any(d in _SKIPPED_DIR_NAMES or not _MODULE_PART.match(d) for d in folders):
+        return None
+    return ".".join(list(folders) + ([] if stem == "__init__" else [stem])) or None
+
+
+def _root_files(roots: Sequence[tuple[str, str]]) -> Iterator[tuple[str, str, str]]:
+    """(module, label, path) of the .py files under folders, in a fixed order."""
     for label, root in roots:
         root = os.path.realpath(root)
         for folder, dirs, files in os.walk(root):
@@ -144,22 +181,62 @@ def list_module_files(
             relative = os.path.relpath(folder, root)
             package = [] if relative == "." else relative.split(os.sep)
             for name in sorted(files):
-                if not name.endswith(".py"):
-                    continue
-                stem = name[:-3]
-                if not _MODULE_PART.match(stem) or stem.startswith("test_") or stem.endswith("_test"):
-                    continue
-                path = os.path.join(folder, name)
-                try:
-                    size = os.path.getsize(path)
-                except OSError:
-                    continue
-                if size > max_file_bytes:
-                    continue
-                module = ".".join(package + ([] if stem == "__init__" else [stem]))
-                if module and module not in found:  # the first root wins, as on sys.path
-                    found[module] = (module, label, path, size)
-    if max_bytes_per_package is not None:
+                module = _module_name(package + [name])
+                if module:
+                    yield module, label, os.path.join(folder, name)
+
+
+def installed_versions(distributions: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """{name: installed version}; a distribution that is not installed is an error."""
+    from importlib import metadata
+
+    out = {}
+    for name, version in distributions:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            raise FileNotFoundError(
+                f"the docstring->code corpus mines {name}=={version}, which is not installed; "
+                f"pip install {name}=={version} (setup.py pins it).") from None
+    return out
+
+
+def _distribution_files(distributions: Sequence[tuple[str, str]]) -> Iterator[tuple[str, str, str]]:
+    """(module, label, path) of the .py files the distributions installed (their RECORD)."""
+    from importlib import metadata
+
+    versions = installed_versions(distributions)
+    for name, pinned in distributions:
+        if versions[name] != pinned:
+            log.warning("%s is installed at %s, not the pinned %s: the docstring->code corpus "
+                        "(and the quickstart's figures) will differ from the README's.", name,
+                        versions[name], pinned)
+        distribution = metadata.distribution(name)
+        label = f"{name}=={versions[name]}"
+        for relative in sorted(distribution.files or [], key=str):
+            parts = relative.parts
+            if ".." in parts or not parts:
+                continue  # scripts and data installed outside site-packages
+            module = _module_name(parts)
+            if module:
+                yield module, label, str(distribution.locate_file(relative))
+
+
+def list_module_files(config: "MiningConfig") -> list[tuple[str, str, str]]:
+    """Sorted (module name, source label, file path) of the .py files to mine."""
+    candidates = (_root_files(config.roots) if config.roots is not None
+                  else _distribution_files(config.distributions))
+    found: dict[str, tuple[str, str, str, int]] = {}
+    for module, label, path in candidates:
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            continue
+        if size > config.max_file_bytes:
+            continue
+        if module not in found:  # the first source wins, as on sys.path
+            found[module] = (module, label, path, size)
+    if config.max_bytes_per_package is not None:
         by_package: dict[str, list[tuple[str, str, str, int]]] = {}
         for entry in found.values():
             by_package.setdefault(entry[0].split(".")[0], []).append(entry)
@@ -167,7 +244,7 @@ def list_module_files(
         for entries in by_package.values():
             used = 0
             for entry in sorted(entries, key=lambda e: _module_hash(e[0], b"gemb-docstring-code-budget:")):
-                if used + entry[3] > max_bytes_per_package and used > 0:
+                if used + entry[3] > config.max_bytes_per_package and used > 0:
                     continue
                 used += entry[3]
                 found[entry[0]] = entry
@@ -288,8 +365,7 @@ def _encodable(record: dict) -> bool:
 
 def build_records(config: MiningConfig = MiningConfig()) -> tuple[dict[str, list[dict]], dict]:
     """Mines, splits and deduplicates; returns ({split: records}, stats). No files written."""
-    roots = config.roots if config.roots is not None else default_roots()
-    files = list_module_files(roots, config.max_file_bytes, config.max_bytes_per_package)
+    files = list_module_files(config)
     by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
     mined = 0
     for records in _mine_all(files, config):
@@ -355,10 +431,15 @@ def write_corpus(folder: Path, config: MiningConfig = MiningConfig()) -> dict:
         with open(folder / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as handle:
             for record in records[split]:
                 handle.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
+    sources = ({"roots": [label for label, _ in config.roots]} if config.roots is not None else
+               {"distributions": installed_versions(config.distributions),
+                "matches_pins": installed_versions(config.distributions)
+                == dict(config.distributions)})
     manifest = {
         "version": CORPUS_VERSION,
         "python": sys.version.split()[0],
         "config": dataclasses.asdict(config),
+        "sources": sources,
         **stats,
         # Kept out of the jsonl files so that those stay byte-identical between builds.
         "build_seconds": round(time.perf_counter() - start, 2),
@@ -371,8 +452,7 @@ def write_corpus(folder: Path, config: MiningConfig = MiningConfig()) -> dict:
 
 def corpus_dir(config: MiningConfig = MiningConfig(), rebuild: bool = False) -> Path:
     """The cached corpus folder, built on first use (about a minute on 2 cores)."""
-    roots = config.roots if config.roots is not None else default_roots()
-    files = list_module_files(roots, config.max_file_bytes, config.max_bytes_per_package)
+    files = list_module_files(config)
     base = paths.cache_dir() / "docstring_code"
     folder = base / f"v{CORPUS_VERSION}-{_cache_key(config, files)}"
     if (folder / "manifest.json").exists() and not rebuild:
@@ -399,8 +479,9 @@ def corpus_dir(config: MiningConfig = MiningConfig(), rebuild: bool = False) -> 
 
 def _config_from_json(text: str) -> MiningConfig:
     fields = json.loads(text)
-    if fields.get("roots") is not None:
-        fields["roots"] = tuple(tuple(pair) for pair in fields["roots"])
+    for name in ("roots", "distributions"):
+        if fields.get(name) is not None:
+            fields[name] = tuple(tuple(pair) for pair in fields[name])
     return MiningConfig(**fields)
 
 
@@ -437,9 +518,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", help="write here instead of the cache folder")
     parser.add_argument("--workers", type=int, default=MiningConfig.num_workers)
-    parser.add_argument("--config-json", help="a MiningConfig as JSON (overrides --workers)")
+    parser.add_argument("--installed", action="store_true",
+                        help="mine the standard library and every site-packages folder instead "
+                             "of the pinned distributions (bigger; depends on the machine)")
+    parser.add_argument("--config-json", help="a MiningConfig as JSON (overrides the others)")
     args = parser.parse_args(argv)
-    config = _config_from_json(args.config_json) if args.config_json else MiningConfig(num_workers=args.workers)
+    if args.config_json:
+        config = _config_from_json(args.config_json)
+    else:
+        config = MiningConfig(num_workers=args.workers,
+                              roots=installed_roots() if args.installed else None)
     if args.output:
         manifest = write_corpus(Path(args.output), config)
     else:

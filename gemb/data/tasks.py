@@ -6,7 +6,7 @@ Every task has the same output features (gemb.data.preprocessors.output_features
 
   name                    split(s)                 shape                        data
   gemb_docstring_code     train/validation/test    pairs, code retrieval        offline corpus mined from
-                                                                                the installed Python
+                                                                                gemb's pinned dependencies
   gemb_stsb_train         train (validation=dev)   STS pairs, score >= 4.0      ../shared/data/stsbenchmark
   gemb_snli_triplets      train                    triplets, 1 hard negative    ../shared/data/snli_triplets
   gemb_banking77_train    train                    classification as retrieval  ../shared/data/banking77

@@ -1,10 +1,12 @@
+import hashlib
 import json
 import os
+import re
 import sysconfig
-import time
 
 import pytest
 
+from gemb import paths
 from gemb.data import code_corpus
 from gemb.data.code_corpus import MiningConfig
 
@@ -125,21 +127,58 @@ def test_real_stdlib_package_builds_identically_twice(tmp_path):
         assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
 
 
-@pytest.mark.slow
-def test_default_corpus_size_and_leakage():
-    """The installed-Python corpus: >= 20,000 train pairs, >= 1,000 test pairs, built < 2 min.
+def _setup_py_pins():
+    text = (paths.REPO_ROOT / "setup.py").read_text()
+    return dict(re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', text))
 
-    Uses the cached build when there is one (its manifest records the build time).
-    """
-    start = time.perf_counter()
+
+def test_pinned_distributions_are_setup_pys_pins():
+    """The quickstart corpus is only reproducible if its sources are exactly what gemb installs."""
+    pins = _setup_py_pins()
+    for name, version in code_corpus.PINNED_DISTRIBUTIONS:
+        assert pins.get(name) == version, f"{name}: corpus mines {version}, setup.py pins {pins.get(name)}"
+    constraints = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$",
+                                  (paths.REPO_ROOT / "constraints.txt").read_text(), re.M))
+    lowered = {k.lower().replace("_", "-"): v for k, v in constraints.items()}
+    for name, version in pins.items():
+        assert lowered.get(name.lower()) == version, f"constraints.txt disagrees with setup.py on {name}"
+
+
+def test_a_pinned_distribution_is_mined_from_its_record(tmp_path):
+    config = MiningConfig(distributions=(("gin-config", "0.5.0"),), num_workers=1)
+    files = code_corpus.list_module_files(config)
+    assert files and all(label == "gin-config==0.5.0" for _, label, _ in files)
+    assert all(module.split(".")[0] == "gin" for module, _, _ in files)
+    assert "gin.config" in {module for module, _, _ in files}
+    manifest = code_corpus.write_corpus(tmp_path / "gin", config)
+    assert manifest["sources"] == {"distributions": {"gin-config": "0.5.0"}, "matches_pins": True}
+    with pytest.raises(FileNotFoundError, match="pip install no-such-dist==1.0"):
+        code_corpus.list_module_files(MiningConfig(distributions=(("no-such-dist", "1.0"),)))
+
+
+# What the pinned sources give: the same files on every machine that installs setup.py's pins
+# (the README's quickstart figures were measured on this corpus). A change of a pin, of the
+# mining rules or of PINNED_DISTRIBUTIONS changes it: rebuild, re-measure the README, update.
+PINNED_CORPUS_SHA256 = "cd576777f61e7e845c318996d36dc1ceb8bacf97ab71712e18d2e60608f34e9f"
+
+
+@pytest.mark.slow
+def test_default_corpus_is_the_pinned_one_and_does_not_leak():
+    """The default corpus: mined from the pinned distributions only, >= 8,000 train and >= 600
+    test pairs, no test module or query in training, and byte for byte the pinned corpus."""
     folder = code_corpus.corpus_dir()
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["build_seconds"] < 120 and time.perf_counter() - start < 150
-    assert manifest["pairs"]["train"] >= 20_000 and manifest["pairs"]["test"] >= 1_000
+    assert manifest["sources"]["matches_pins"], manifest["sources"]
+    assert manifest["pairs"]["train"] >= 8_000 and manifest["pairs"]["test"] >= 600
     train = [json.loads(l) for l in open(folder / "train.jsonl", encoding="utf-8")]
     test = [json.loads(l) for l in open(folder / "test.jsonl", encoding="utf-8")]
     assert len(train) == manifest["pairs"]["train"] and len(test) == manifest["pairs"]["test"]
+    assert {r["root"] for r in train} <= {f"{n}=={v}" for n, v in code_corpus.PINNED_DISTRIBUTIONS}
     train_modules = {code_corpus.canonical_module(r["module"]) for r in train}
     assert not {code_corpus.canonical_module(r["module"]) for r in test} & train_modules
     train_queries = {r["query"].lower() for r in train}
     assert not any(r["query"].lower() in train_queries for r in test)
+    digest = hashlib.sha256()
+    for split in code_corpus.SPLITS:
+        digest.update((folder / f"{split}.jsonl").read_bytes())
+    assert digest.hexdigest() == PINNED_CORPUS_SHA256
