@@ -35,10 +35,10 @@ DEFAULT_RATES: dict[str, dict[str, float]] = {
     QUICKSTART: {tasks.DOCSTRING_CODE: 1.0},
     # Task diversity matters more than size in fine-tuning (RECIPE.md), so the small shared sets
     # get rates close to the large code corpus rather than rates proportional to their sizes.
+    # No STS-scored data (STSBenchmark, stsb_multi_mt): STS is evaluated zero-shot, as MTEB does.
     SHARED_FINETUNE: {
         tasks.DOCSTRING_CODE: 3.0,
         tasks.SNLI_TRIPLETS: 2.0,
-        tasks.STSB_TRAIN: 1.0,
         tasks.BANKING77_TRAIN: 1.0,
         tasks.COSQA_DEV: 0.5,
     },

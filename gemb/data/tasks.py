@@ -12,6 +12,8 @@ Every task has the same output features (gemb.data.preprocessors.output_features
   gemb_banking77_train    train                    classification as retrieval  ../shared/data/banking77
   gemb_cosqa_dev          train (= the dev qrels)  pairs, code retrieval        ../shared/data/cosqa
 
+gemb_stsb_train is STS-scored data: no shipped mixture uses it, because STS is evaluated zero-shot
+(as MTEB does); it stays registered for data tests and deliberate ablations.
 The ../shared/data tasks are registered only when that folder exists (gemb.paths.shared_data_root).
 Tasks are bound to a vocabulary, which is only known once a model is chosen, so registration is an
 explicit call (gin-configurable) rather than an import side effect; calling it again replaces the

@@ -355,8 +355,7 @@ class RunCheckpointer:
 
     # ----------------------------------------------------------------------------- restoring
 
-    def restore(self, step: int, abstract_state: TrainState,
-                meta: Mapping[str, Any] | None = None) -> tuple[TrainState, dict, dict]:
+    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict, dict]:
         """Restores one step and checks it against the checksums in its meta record."""
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state.to_tree()),
