@@ -326,7 +326,9 @@ def train(
                         tb.scalars(done, {**{f"train/{k}": v for k, v in host.items()},
                                           **{f"train/{k}": v for k, v in rates.items()}})
                         metrics_file.write(json.dumps({"step": done, **host}) + "\n")
+                        # Flushed at every logged step, so a crash loses no logged point.
                         metrics_file.flush()
+                        tb.flush()
             results = None
             if finite and eval_hook is not None and params_encoder and eval_hook.due(done, num_steps):
                 results = run_eval(done)

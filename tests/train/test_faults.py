@@ -179,6 +179,22 @@ def test_allow_fresh_start_says_so(tmp_path, capsys):
     assert "starting from scratch because allow_fresh_start=True" in out
 
 
+def test_resume_allows_a_new_remat_policy_and_warns_on_a_new_batch_size(tmp_path, capsys):
+    _train(tmp_path, num_steps=2)
+    capsys.readouterr()
+    remat = SMALL.replace(transformer=SMALL.transformer.replace(remat_policy="full"))
+    summary = _train(tmp_path, num_steps=4, encoder=remat,
+                     data=SyntheticData(batch_size=16, query_length=12, document_length=16))
+    out = capsys.readouterr().out
+    assert summary["final_step"] == 4 and "Resumed" in out
+    assert "changed compute settings" in out and "remat_policy: 'none' -> 'full'" in out
+    assert "WARNING: " in out and "data.batch_size=8 and this run uses 16" in out
+    # A change that shapes the saved state is still refused.
+    wider = SMALL.replace(head_dims=(48,), matryoshka_dims=(48, 24))
+    with pytest.raises(ValueError, match="another model"):
+        _train(tmp_path, num_steps=6, encoder=wider)
+
+
 # ----------------------------------------------------------------------------- divergence
 
 

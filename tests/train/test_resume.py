@@ -11,7 +11,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from gemb import paths
 
@@ -63,3 +65,10 @@ def test_kill_and_resume_is_bitwise_equal_at_two_steps(tmp_path):
         order, losses = logged_steps(tmp_path / f"killed_at_{step}")
         assert order == list(range(1, NUM_STEPS + 1))  # re-run steps are not logged twice
         assert losses == expected  # exact floats
+        # TensorBoard shows each step once too: the resumed writer purges the re-run steps.
+        events = event_accumulator.EventAccumulator(str(tmp_path / f"killed_at_{step}" / "train"))
+        events.Reload()
+        points = [(e.step, e.value) for e in events.Scalars("train/loss")]
+        assert [s for s, _ in points] == list(range(1, NUM_STEPS + 1))
+        np.testing.assert_allclose([v for _, v in points], [expected[s] for s, _ in points],
+                                   rtol=1e-6)  # TensorBoard stores float32
