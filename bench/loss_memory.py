@@ -10,7 +10,7 @@ step is only lowered and compiled; XLA's memory_analysis() reports the buffers i
 parameters.
 
 With gradient caching, the step's memory should grow with the global batch only through the
-embeddings and the B x B logits (RECIPE.md, "Loss"); the table prints that expectation beside
+embeddings and the B x B logits (docs/recipe.md, "Loss"); the table prints that expectation beside
 the measured growth. Without caching, the activations of every layer for every row are kept
 for the backward pass, so memory grows with B x layers x sequence length.
 """

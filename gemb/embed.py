@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 from gemb.checkpoints import model_dir as model_dir_lib
 from gemb.models import encoder as encoder_lib
+from gemb.models import heads
 from gemb.models.config import EncoderConfig
 from gemb.partitioning import mesh as mesh_lib
 from gemb.partitioning import partitioner as partitioner_lib
@@ -127,9 +126,7 @@ class TextEncoder:
             out = self._model.apply({"params": params}, tokens, segment_ids)
         if not self.head:
             return out["pooled"][:, 0]
-        projected = out["projected"][:, 0, : self.dim]
-        return projected * jax.lax.rsqrt(
-            jnp.maximum(jnp.sum(projected * projected, axis=-1, keepdims=True), 1e-12))
+        return heads.matryoshka_embedding(out["projected"][:, 0], self.dim)
 
     def format(self, texts: Sequence[str], role: str | None, task: str | None = None) -> list[str]:
         task = task or self.task
@@ -201,7 +198,7 @@ class TextEncoder:
         for row, i in enumerate(chosen):
             tokens[row, : len(token_lists[i])] = token_lists[i]
             segments[row, : len(token_lists[i])] = 1
-        batch = self.partitioner.shard_batch((tokens, segments))
+        batch = self.partitioner.place_batch((tokens, segments))
         vectors = np.asarray(self._forward(self.params, *batch))
         result[chosen] = vectors[: len(chosen)]
 
@@ -213,12 +210,7 @@ def load_encoder(model_dir: str | Path, *, dim: int | None = None, head: bool = 
     """A TextEncoder for a folder written by `gemb convert` (or exported by training)."""
     config, _ = model_dir_lib.read_model_config(model_dir)
     partitioner = partitioner or partitioner_lib.Partitioner(mesh_lib.create_mesh())
-    model = encoder_lib.Encoder(config)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
-    shardings = partitioner.param_shardings(boxed["params"])
-    abstract = jax.tree_util.tree_map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        nn.unbox(boxed["params"]), nn.unbox(shardings))
+    abstract = partitioner.abstract_params(encoder_lib.boxed_params(config))
     params = model_dir_lib.load_params(model_dir, abstract)
     tokenizer = Tokenizer.from_dir(model_dir)
     return TextEncoder(config, params, tokenizer, dim=dim, head=head, batch_size=batch_size,

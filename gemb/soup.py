@@ -1,6 +1,6 @@
 """`gemb soup`: a model folder whose params are the (weighted) average of several checkpoints.
 
-The recipe's last stage (RECIPE.md, "model soup"): average the parameters of fine-tuned
+The recipe's last stage (docs/recipe.md, "model soup"): average the parameters of fine-tuned
 checkpoints of one architecture: one run at different steps, different runs, or weighted.
 
   gemb soup --model runs/ft_a --model runs/ft_b@3000 --model models/ft_c \\
@@ -126,12 +126,9 @@ def make_soup(ingredients: Sequence[Ingredient], out_dir: str | Path,
     target = configs[0][1]
 
     partitioner = partitioner or partitioner_lib.Partitioner(mesh_lib.create_mesh())
-    boxed = jax.eval_shape(lambda: encoder_lib.Encoder(target).init(
-        jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
-    shardings = nn.unbox(partitioner.param_shardings(boxed))
+    boxed = encoder_lib.boxed_params(target)
     # Read every ingredient as float32 so the sum does not round in bf16.
-    abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(
-        leaf.shape, jnp.float32, sharding=sharding), nn.unbox(boxed), shardings)
+    abstract = partitioner.abstract_params(boxed, dtype=jnp.float32)
     dtypes = jax.tree.map(lambda leaf: leaf.dtype, nn.unbox(boxed))
 
     # Donating the running sum keeps two copies of the params in memory, not three.

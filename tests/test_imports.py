@@ -1,9 +1,11 @@
-"""The compute core imports without TensorFlow or seqio (DESIGN.md convention 10): accelerator
+"""The compute core imports without TensorFlow or seqio (docs/design.md, convention 10): accelerator
 machines often lack TF, and serving needs none of it. Only gemb/data and the CLI's data paths
 may import them."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +17,10 @@ CORE_MODULES = [
     "gemb.embed", "gemb.tokenizer", "gemb.train.trainer", "gemb.train.state",
     "gemb.train.checkpointing", "gemb.train.optimizers", "gemb.data.templates", "gemb.cli",
     "gemb.soup", "gemb.export.hf", "gemb.export.sentence_transformers", "gemb.progress",
+    "gemb.train.model", "gemb.train.data", "gemb.train.run", "gemb.train.gin_registry",
+    "gemb.data.feature_converter", "gemb.eval.hook",
 ]
+GEMB = Path(__file__).resolve().parents[1] / "gemb"
 
 
 @pytest.mark.parametrize("module", CORE_MODULES)
@@ -31,3 +36,50 @@ def test_cli_lists_commands_and_rejects_unknown_ones(capsys):
     assert cli.main(["--help"]) == 0
     assert "convert" in capsys.readouterr().out
     assert cli.main(["frobnicate"]) == 2
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """{gemb module: the gemb modules it imports at module level (not inside functions)}."""
+    graph = {}
+    for path in GEMB.rglob("*.py"):
+        name = ".".join(path.relative_to(GEMB.parent).with_suffix("").parts)
+        name = name.removesuffix(".__init__")
+        imported = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gemb"):
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    is_module = (GEMB.parent / Path(*full.split("."))).with_suffix(".py").exists()
+                    imported.add(full if is_module else node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names if a.name.startswith("gemb"))
+        graph[name] = imported
+    return graph
+
+
+def test_no_import_circle():
+    graph = _module_imports()
+    state: dict[str, str] = {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "open":
+                raise AssertionError("import circle: " + " -> ".join(path + [target]))
+            if target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+@pytest.mark.parametrize("package", ["models", "losses", "partitioning", "data"])
+def test_library_packages_import_no_gin(package):
+    """gin wires top-level objects only (gemb/train/gin_registry.py is the one registry)."""
+    for path in (GEMB / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "gin" or n.startswith("gin.") for n in names), path

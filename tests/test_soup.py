@@ -11,7 +11,7 @@ from gemb import embed, soup
 from gemb.checkpoints import model_dir
 from gemb.partitioning import mesh as mesh_lib
 from gemb.partitioning import partitioner as partitioner_lib
-from gemb.train import checkpointing, main as train_main
+from gemb.train import checkpointing, run
 from tiny_checkpoints import write_tiny_model_folder
 from train.helpers import LOSS, OPTIMIZER, SMALL, build, partitioner_for, synthetic_batches
 
@@ -68,10 +68,10 @@ def test_soup_of_one_run_at_two_steps(tmp_path):
     partitioner = partitioner_for((1, 1, 1), 1)
     _, state, steps = build(partitioner)
     ckpt = checkpointing.RunCheckpointer(tmp_path / "run", checkpointing.CheckpointConfig(keep=5))
-    meta = train_main._model_meta(SMALL, LOSS, OPTIMIZER)
+    meta = run._model_meta(SMALL, LOSS, OPTIMIZER)
     saved = {}
     for i, batch in enumerate(synthetic_batches(3)):
-        state, _ = steps.train(state, batch)
+        state, _ = steps.train_step(state, batch)
         ckpt.save(i + 1, state, {"batch_index": i + 1}, meta)
         saved[i + 1] = _flat(state.params["encoder"])
     ckpt.close()

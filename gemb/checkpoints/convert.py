@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from gemb.checkpoints import import_gguf, import_hf, layout, model_dir
@@ -30,10 +29,9 @@ EMBEDDED_MODELS = {"gemma3-270m": import_gguf.default_gemma3_270m_gguf}
 def init_head(config: EncoderConfig, seed: int):
     """Random projection-head params (the transformer's are not materialised)."""
     model = encoder_lib.Encoder(config)
-    tokens = jnp.zeros((1, 4), jnp.int32)
 
     def init(rng):
-        return nn.unbox(model.init(rng, tokens)["params"]).get("head", {})
+        return nn.unbox(model.init(rng, encoder_lib.init_tokens())["params"]).get("head", {})
 
     if not config.head_dims:
         return {}

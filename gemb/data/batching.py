@@ -16,8 +16,8 @@ The recipe's fine-tuning draws every batch from ONE task, tasks at mixture rates
   produced next. Restoring costs no replay: the example order is computed, not read through.
 
 A task's examples go source (in memory) -> index order -> seqio preprocessors (templates,
-tokenisation, trimming) in tf.data, B_host = global_batch_size / H at a time; the feature
-converter (gemb.data.feature_converter) then pads or packs them in numpy.
+tokenisation) in tf.data, B_host = global_batch_size / H at a time; the feature converter
+(gemb.data.feature_converter) then cuts, pads or packs them in numpy, planning each batch once.
 """
 
 from __future__ import annotations
@@ -28,14 +28,18 @@ import weakref
 import zlib
 from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
-import gin
 import numpy as np
 import seqio
 import tensorflow as tf
 
 from gemb import quiet_imports
 from gemb.data import sources
-from gemb.data.feature_converter import FeatureConverter, RoleTokens, TokenBatch
+from gemb.data.feature_converter import (
+    FeatureConverter,
+    RoleTokens,
+    TokenBatch,
+    agree_across_processes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +51,6 @@ _ORDER_SALT = 0x0DE5
 
 Layout = Mapping[str, int]
 LayoutAgreement = Callable[[dict[str, int]], dict[str, int]]
-
-
-def agree_across_processes(layout: dict[str, int]) -> dict[str, int]:
-    """Elementwise max of every JAX process's layout, so all hosts build equal shapes."""
-    import jax
-
-    if jax.process_count() == 1:
-        return layout
-    from jax.experimental import multihost_utils
-
-    keys = sorted(layout)
-    values = np.array([layout[k] for k in keys], np.int64)
-    gathered = np.asarray(multihost_utils.process_allgather(values))
-    return dict(zip(keys, gathered.reshape(-1, len(keys)).max(axis=0).tolist()))
 
 
 _LIVE_BATCHERS: "weakref.WeakSet[TaskHomogeneousBatcher]" = weakref.WeakSet()
@@ -96,7 +86,7 @@ class _TaskStream:
     """One task's examples for this host, B_host at a time, from a given position on."""
 
     def __init__(self, task: seqio.Task, split: str, seed: int, shard: seqio.ShardInfo, batch_size: int,
-                 sequence_length: Mapping, consumed: int, prefetch: int):
+                 consumed: int, prefetch: int):
         source = task.source
         if not hasattr(source, "examples"):
             raise TypeError(
@@ -115,11 +105,10 @@ class _TaskStream:
         self.num_negatives = int(self.examples[sources.NEGATIVES].shape[1])
         # A pipeline's start is where TensorFlow and SentencePiece print their start-up lines.
         with quiet_imports.native_stderr_filtered():
-            self._iterator = self._build(seed, shard, batch_size, sequence_length, consumed,
-                                         prefetch)
+            self._iterator = self._build(seed, shard, batch_size, consumed, prefetch)
         self._started = False
 
-    def _build(self, seed, shard, batch_size, sequence_length, consumed, prefetch):
+    def _build(self, seed, shard, batch_size, consumed, prefetch):
         task_name, n, epoch_length = self.task.name, self.num_examples, self.epoch_length
         first_epoch, first_offset = divmod(consumed, epoch_length)
 
@@ -136,7 +125,8 @@ class _TaskStream:
         dataset = dataset.map(lambda i: {k: tf.gather(v, i) for k, v in tensors.items()})
         # Preprocessors are deterministic (no random ops), so the seed only satisfies seqio.
         dataset = self.task.preprocess_precache(dataset, seed=seed)
-        dataset = self.task.preprocess_postcache(dataset, sequence_length=sequence_length, seed=seed)
+        # No sequence lengths: texts are cut once, by the feature converter.
+        dataset = self.task.preprocess_postcache(dataset, sequence_length=None, seed=seed)
         dataset = dataset.map(_flatten_negatives, num_parallel_calls=tf.data.AUTOTUNE)
         dataset = dataset.ragged_batch(batch_size)
         dataset = dataset.map(_ragged_to_flat, num_parallel_calls=tf.data.AUTOTUNE)
@@ -180,7 +170,6 @@ def _ragged_to_flat(batch):
     return out
 
 
-@gin.configurable
 class TaskHomogeneousBatcher:
     """Iterator of model feature batches, one task per batch (see the module docstring).
 
@@ -282,7 +271,7 @@ class TaskHomogeneousBatcher:
         if stream is None:
             stream = _TaskStream(
                 task, self.split, self.seed, self.shard_info, self.host_batch_size,
-                self.converter.config.task_feature_lengths(), self._consumed[task.name], self.prefetch,
+                self._consumed[task.name], self.prefetch,
             )
             self._streams[task.name] = stream
         return stream
@@ -309,11 +298,9 @@ class TaskHomogeneousBatcher:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.next_token_batch()
-        layout = None
-        if self.agree_on_layout is not None:
-            layout = self.agree_on_layout(self.converter.plan(batch))
-        return self.converter.convert(batch, layout)
+        plan = self.converter.plan(self.next_token_batch())
+        layout = None if self.agree_on_layout is None else self.agree_on_layout(plan.layout)
+        return self.converter.convert(plan, layout)
 
 
 def _resolve_tasks(tasks) -> list[tuple[seqio.Task, float]]:

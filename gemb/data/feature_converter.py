@@ -1,40 +1,48 @@
 """Token ids of a batch -> the model's input arrays, padded or packed, with static shapes.
 
 A batch holds B examples of one task; each has a query, a positive and K hard-negative slots
-(some possibly empty). Each role (query, positive, negatives) becomes its own block of token rows
-for the encoder; per-example arrays say where each example's embedding lands in the encoder's
-[R, S, E] output and carry what the loss needs.
+(some possibly empty). The converter writes them in exactly the layout the train step consumes
+(docs/design.md, "The path of one batch"), so no later stage reshapes or re-plans them.
 
-Features (numpy; R, L, S are per role and change only between buckets):
+Padded layout (FeatureConverterConfig.pack=False): one example per row, example-major, so every
+feature has the batch as its leading axis and the step can cut it into gradient-cache chunks
+or microbatches.
 
-  {role}_tokens        int32 [R, L]  token ids; BOS first (bos_id) and EOS last (eos_id) if set;
-                                     pad_id on padding
-  {role}_segment_ids   int32 [R, L]  1..S for the examples of a row, 0 on padding
-  {role}_positions     int32 [R, L]  0, 1, ... restarting in every segment; 0 on padding
-  {role}_segment_mask  bool  [R, S]  True where a (row, segment) slot holds an example. Its
-                                     shape gives the encoder's static num_segments = S.
-  query_slot           int32 [B]     flat index row * S + (segment - 1) of each query's slot:
-                                     query_embeddings = encoder(...).reshape(R*S, E)[query_slot]
-  positive_slot        int32 [B]     the same for positives
+  query_tokens / _segment_ids / _positions          int32 [B, Lq]
+  positive_tokens / _segment_ids / _positions       int32 [B, Ld]
+  negatives_tokens / _segment_ids / _positions      int32 [B, K, Ld]   (K > 0 only)
+  negative_mask                                     bool  [B, K]       (K > 0 only)
+  query_hash, positive_hash                         int32 [B]
+  negative_hash                                     int32 [B, K]       (K > 0 only)
+
+Packed layout (pack=True): each role is its own block of R token rows holding up to S examples
+each (first-fit decreasing), plus where each example's embedding lands in the encoder's
+[R, S, E] output:
+
+  {role}_tokens / _segment_ids / _positions  int32 [R, L]
+  {role}_segment_mask  bool  [R, S]  True where a (row, segment) slot holds an example; its
+                                     shape gives the encoder's static num_segments = S
+  query_slot, positive_slot  int32 [B]   flat index row * S + (segment - 1) of each example
   negative_slot        int32 [B, K]  the same for negatives (0 where negative_mask is False)
-  negative_mask        bool  [B, K]  True where the example has that hard negative
-  query_hash           int32 [B]     hash of the final token ids (duplicate mask of the loss)
-  positive_hash        int32 [B]
-  negative_hash        int32 [B, K]  (0 where negative_mask is False)
+  negative_mask, *_hash as above
 
-with {role} in (query, positive, negatives). Padded mode: R = B for query and positive,
-R = B * K for negatives (row b * K + k; empty slots are all-padding rows), S = 1 and
-L = the smallest length bucket holding the role's longest example. Packed mode: examples of a
-role share rows of length L, at most S = `segments_per_row` per row (first-fit decreasing);
-L is the length bucket, among a few at or above the longest example's, that needs the fewest
-token positions, and R is the number of rows used rounded up to a row bucket; absent negatives
-take no slot. K = 0 (pair tasks) gives negatives blocks with zero rows: skip that
-tower. With `num_negatives` set, every task's K is padded (or cut) to it, so all tasks share K.
+with {role} in (query, positive, negatives). Token rows: BOS first (bos_id), EOS last (eos_id)
+if set, pad_id on padding; segment ids 1..S for the examples of a row and 0 on padding;
+positions restart at 0 in every segment. The hashes are of the final token ids (the loss's
+duplicate mask). A batch without hard negatives (K = 0, or a packed batch in which no example
+has one) carries no negatives_* / negative_* features at all, so pair and triplet tasks compile
+to two programs.
 
-Shapes depend on the batch only through the layout (`plan`): a multi-host trainer must make all
-hosts agree on one layout (elementwise max of every host's `plan`, e.g. with
-jax.experimental.multihost_utils.process_allgather) and pass it to `convert`; a single host can
-let `convert` plan for itself.
+Row lengths come from a few buckets (`FeatureConverterConfig.buckets`): the smallest bucket
+holding the role's longest example (padded), or among a few at or above it the one that needs
+the fewest token positions (packed); packed row counts are rounded up to a row bucket.
+
+Texts are cut to fit here, and only here: the task pipeline tokenises without trimming, so the
+one place that knows how many special tokens a row carries decides how much text fits.
+
+Multi-host: shapes depend on the batch only through the layout (`BatchPlan.layout`). All hosts
+must build one layout, the elementwise max of every host's (gemb.data.batching does this with
+process_allgather), and pass it to `convert`; a single host lets `convert` use its own plan.
 """
 
 from __future__ import annotations
@@ -43,7 +51,6 @@ import dataclasses
 import math
 from typing import Mapping, Optional, Sequence
 
-import gin
 import numpy as np
 
 ROLES = ("query", "positive", "negatives")
@@ -90,7 +97,6 @@ class TokenBatch:
         return len(self.negatives.lengths) // max(self.batch_size, 1)
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class FeatureConverterConfig:
     """How token ids become model rows.
@@ -103,7 +109,6 @@ class FeatureConverterConfig:
         role's maximum (plus the maximum itself).
       min_length: the smallest automatic bucket.
       segments_per_row: S in packed mode.
-      row_multiple: packed row counts are multiples of this (e.g. the local device count).
       row_buckets_per_octave: packed row counts are rounded up so that at most this many
         distinct counts fall in each power-of-two range (8: at most 12.5% padding rows).
       bos_id / eos_id: prepended / appended when not None.
@@ -117,7 +122,6 @@ class FeatureConverterConfig:
     length_buckets: Optional[tuple[int, ...]] = None
     min_length: int = 16
     segments_per_row: int = 16
-    row_multiple: int = 1
     row_buckets_per_octave: int = 8
     bos_id: Optional[int] = GEMMA_BOS_ID
     eos_id: Optional[int] = None
@@ -131,8 +135,8 @@ class FeatureConverterConfig:
         for name in ("query_length", "document_length"):
             if getattr(self, name) <= specials:
                 raise ValueError(f"{name}={getattr(self, name)} leaves no room for text after {specials} special tokens")
-        if self.segments_per_row < 1 or self.row_multiple < 1 or self.row_buckets_per_octave < 1:
-            raise ValueError("segments_per_row, row_multiple and row_buckets_per_octave must be >= 1")
+        if self.segments_per_row < 1 or self.row_buckets_per_octave < 1:
+            raise ValueError("segments_per_row and row_buckets_per_octave must be >= 1")
 
     @property
     def num_special_tokens(self) -> int:
@@ -140,15 +144,6 @@ class FeatureConverterConfig:
 
     def max_length(self, role: str) -> int:
         return self.query_length if role == "query" else self.document_length
-
-    def task_feature_lengths(self) -> dict:
-        """The text lengths a task should trim to (seqio sequence_length form)."""
-        specials = self.num_special_tokens
-        return {
-            "query": self.query_length - specials,
-            "positive": self.document_length - specials,
-            "negatives": [None, self.document_length - specials],
-        }
 
     def buckets(self, role: str) -> tuple[int, ...]:
         maximum = self.max_length(role)
@@ -218,11 +213,37 @@ def token_hashes(tokens: RoleTokens) -> np.ndarray:
     return result
 
 
-class FeatureConverter:
-    """Turns `TokenBatch`es into model features (see the module docstring)."""
+@dataclasses.dataclass
+class BatchPlan:
+    """A batch made ready for `FeatureConverter.convert`: every role's final token ids (cut,
+    with special tokens) and where each text goes. `layout` is what hosts agree on."""
 
-    def __init__(self, config: FeatureConverterConfig = FeatureConverterConfig()):
+    batch_size: int
+    num_negatives: int  # K, the negative slots per example
+    roles: dict[str, RoleTokens]
+    placements: dict[str, tuple[dict[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]]]
+
+    @property
+    def layout(self) -> dict[str, int]:
+        """This batch's own layout as flat ints {role_rows, role_length, role_segments}."""
+        return {f"{role}_{key}": value for role, (own, _) in self.placements.items()
+                for key, value in own.items()}
+
+
+class FeatureConverter:
+    """Turns `TokenBatch`es into model features (see the module docstring).
+
+    row_multiple: packed row counts are multiples of this (the number of data-parallel devices
+    of this host), so every device gets whole rows. It is a property of the run's mesh, not of
+    the configuration, and is ignored in the padded layout (its rows are the examples).
+    """
+
+    def __init__(self, config: FeatureConverterConfig = FeatureConverterConfig(),
+                 row_multiple: int = 1):
+        if row_multiple < 1:
+            raise ValueError(f"row_multiple must be >= 1, got {row_multiple}")
         self.config = config
+        self.row_multiple = row_multiple
 
     # -- special tokens and trimming ----------------------------------------------------------
 
@@ -248,6 +269,23 @@ class FeatureConverter:
         dest = np.repeat(new_starts + offset, kept) + within
         out[dest] = tokens.values[source]
         return RoleTokens(out, new_lengths)
+
+    def _pad_negatives(self, batch: TokenBatch) -> RoleTokens:
+        """Negatives with K = config.num_negatives slots per example (if set); unused slots empty."""
+        k_have = batch.negatives_per_example
+        k_want = k_have if self.config.num_negatives is None else self.config.num_negatives
+        lengths = batch.negatives.lengths.reshape(batch.batch_size, k_have)
+        in_use = np.arange(k_have)[None, :] < batch.num_negatives[:, None]
+        if k_want == k_have and not np.any(lengths[~in_use]):
+            return batch.negatives
+        # Slots past num_negatives are empty by contract; making them so keeps mask and rows in step.
+        sequences = batch.negatives.sequences()
+        empty = np.zeros(0, np.int32)
+        return RoleTokens.from_lists([
+            sequences[b * k_have + k] if k < k_have and in_use[b, k] else empty
+            for b in range(batch.batch_size)
+            for k in range(k_want)
+        ])
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -332,68 +370,43 @@ class FeatureConverter:
         for candidate in candidates:
             row, start, segment, rows = self._pack(tokens.lengths, candidate)
             if rows:
-                rows = round_up_rows(rows, cfg.row_multiple, cfg.row_buckets_per_octave)
+                rows = round_up_rows(rows, self.row_multiple, cfg.row_buckets_per_octave)
             if best is None or rows * candidate < best[0]["rows"] * best[0]["length"]:
                 best = ({"rows": rows, "length": candidate, "segments": cfg.segments_per_row}, (row, start, segment))
         return best
 
-    def _finalized(self, batch: TokenBatch) -> dict[str, RoleTokens]:
-        negatives = self._pad_negatives(batch)
-        return {
+    def plan(self, batch: TokenBatch) -> BatchPlan:
+        """Cuts, adds special tokens and places every text, once; `convert` takes the result."""
+        roles = {
             "query": self._finalize(batch.query, "query"),
             "positive": self._finalize(batch.positive, "positive"),
-            "negatives": self._finalize(negatives, "negatives"),
+            "negatives": self._finalize(self._pad_negatives(batch), "negatives"),
         }
-
-    def _pad_negatives(self, batch: TokenBatch) -> RoleTokens:
-        """Negatives with K = config.num_negatives slots per example (if set); unused slots empty."""
-        k_have = batch.negatives_per_example
-        k_want = k_have if self.config.num_negatives is None else self.config.num_negatives
-        lengths = batch.negatives.lengths.reshape(batch.batch_size, k_have)
-        in_use = np.arange(k_have)[None, :] < batch.num_negatives[:, None]
-        if k_want == k_have and not np.any(lengths[~in_use]):
-            return batch.negatives
-        # Slots past num_negatives are empty by contract; making them so keeps mask and rows in step.
-        sequences = batch.negatives.sequences()
-        empty = np.zeros(0, np.int32)
-        return RoleTokens.from_lists([
-            sequences[b * k_have + k] if k < k_have and in_use[b, k] else empty
-            for b in range(batch.batch_size)
-            for k in range(k_want)
-        ])
-
-    def plan(self, batch: TokenBatch) -> dict[str, int]:
-        """This batch's layout as flat ints {role_rows, role_length, role_segments}."""
-        layout = {}
-        for role, tokens in self._finalized(batch).items():
-            for key, value in self._role_placement(tokens, role)[0].items():
-                layout[f"{role}_{key}"] = value
-        return layout
+        k = len(roles["negatives"].lengths) // max(batch.batch_size, 1)
+        placements = {role: self._role_placement(tokens, role) for role, tokens in roles.items()}
+        return BatchPlan(batch.batch_size, k, roles, placements)
 
     # -- conversion ---------------------------------------------------------------------------
 
-    def convert(self, batch: TokenBatch, layout: Optional[Mapping[str, int]] = None) -> dict[str, np.ndarray]:
-        """Model features of `batch`, shaped by `layout` (default: this batch's own plan)."""
-        cfg = self.config
-        roles = self._finalized(batch)
-        # Placement uses this host's own row length, so a larger agreed layout only adds padding.
-        placements = {role: self._role_placement(tokens, role) for role, tokens in roles.items()}
-        if layout is None:
-            layout = {f"{role}_{k}": v for role, (own, _) in placements.items() for k, v in own.items()}
-        batch_size = batch.batch_size
-        k = len(roles["negatives"].lengths) // max(batch_size, 1)
+    def convert(self, batch: TokenBatch | BatchPlan,
+                layout: Optional[Mapping[str, int]] = None) -> dict[str, np.ndarray]:
+        """Model features of a batch (or of its plan), shaped by `layout` (default: the batch's
+        own plan; a larger agreed layout only adds padding)."""
+        plan = batch if isinstance(batch, BatchPlan) else self.plan(batch)
+        layout = plan.layout if layout is None else layout
+        batch_size, k = plan.batch_size, plan.num_negatives
         features: dict[str, np.ndarray] = {}
         slots: dict[str, np.ndarray] = {}
-        for role, tokens in roles.items():
+        for role, tokens in plan.roles.items():
             rows, length, segments = (int(layout[f"{role}_{key}"]) for key in ("rows", "length", "segments"))
-            mine, (row, start, segment) = placements[role]
+            mine, (row, start, segment) = plan.placements[role]
             if rows < mine["rows"] or length < mine["length"] or segments < mine["segments"]:
                 raise ValueError(
                     f"layout {dict(layout)} is too small for this batch's {role} ({mine}); pass the "
-                    "elementwise max of every host's plan()."
+                    "elementwise max of every host's plan layout."
                 )
             present = tokens.lengths > 0
-            token_ids = np.full((rows, length), cfg.pad_id, np.int32)
+            token_ids = np.full((rows, length), self.config.pad_id, np.int32)
             segment_ids = np.zeros((rows, length), np.int32)
             positions = np.zeros((rows, length), np.int32)
             lengths = tokens.lengths
@@ -404,22 +417,72 @@ class FeatureConverter:
             token_ids[token_rows, token_cols] = tokens.values
             segment_ids[token_rows, token_cols] = np.repeat(segment, lengths)
             positions[token_rows, token_cols] = within
-            segment_mask = np.zeros((rows, segments), bool)
-            segment_mask[row[present], segment[present] - 1] = True
             features[f"{role}_tokens"] = token_ids
             features[f"{role}_segment_ids"] = segment_ids
             features[f"{role}_positions"] = positions
-            features[f"{role}_segment_mask"] = segment_mask
-            slots[role] = np.where(present, row * segments + segment - 1, 0).astype(np.int32)
-
-        features["query_slot"] = slots["query"]
-        features["positive_slot"] = slots["positive"]
-        features["negative_slot"] = slots["negatives"].reshape(batch_size, k)
-        features["negative_mask"] = (roles["negatives"].lengths > 0).reshape(batch_size, k)
-        features["query_hash"] = token_hashes(roles["query"])
-        features["positive_hash"] = token_hashes(roles["positive"])
-        features["negative_hash"] = token_hashes(roles["negatives"]).reshape(batch_size, k)
+            if self.config.pack:
+                segment_mask = np.zeros((rows, segments), bool)
+                segment_mask[row[present], segment[present] - 1] = True
+                features[f"{role}_segment_mask"] = segment_mask
+                slots[role] = np.where(present, row * segments + segment - 1, 0).astype(np.int32)
+        negative_mask = (plan.roles["negatives"].lengths > 0).reshape(batch_size, k)
+        features["query_hash"] = token_hashes(plan.roles["query"])
+        features["positive_hash"] = token_hashes(plan.roles["positive"])
+        features["negative_mask"] = negative_mask
+        features["negative_hash"] = token_hashes(plan.roles["negatives"]).reshape(batch_size, k)
+        if self.config.pack:
+            features["query_slot"] = slots["query"]
+            features["positive_slot"] = slots["positive"]
+            features["negative_slot"] = slots["negatives"].reshape(batch_size, k)
+            has_negatives = features["negatives_tokens"].shape[0] > 0
+        else:
+            # Row b * K + k of the negatives block is example b's k-th slot: [B, K, L].
+            for name in ("tokens", "segment_ids", "positions"):
+                value = features[f"negatives_{name}"]
+                features[f"negatives_{name}"] = value.reshape(batch_size, k, value.shape[-1])
+            has_negatives = k > 0
+        if not has_negatives:
+            for key in [key for key in features if key.startswith("negative")]:
+                del features[key]
         return features
+
+
+def full_length_features(config: FeatureConverterConfig, batch_size: int,
+                         num_negatives: int = 0) -> dict[str, np.ndarray]:
+    """A batch whose every text fills its row: the largest features `config` makes for that
+    batch size and K (what an ahead-of-time compile must fit, e.g. gemb precompile)."""
+    def texts(count: int, role: str) -> RoleTokens:
+        return RoleTokens.from_lists([[3] * config.max_length(role)] * count)
+
+    batch = TokenBatch(texts(batch_size, "query"), texts(batch_size, "positive"),
+                       texts(batch_size * num_negatives, "negatives"),
+                       np.full(batch_size, num_negatives, np.int32))
+    return FeatureConverter(dataclasses.replace(config, num_negatives=num_negatives)).convert(batch)
+
+
+def agree_across_processes(layout: Mapping[str, int]) -> dict[str, int]:
+    """Elementwise max of every JAX process's layout, so all processes build equal shapes."""
+    import jax
+
+    if jax.process_count() == 1:
+        return dict(layout)
+    from jax.experimental import multihost_utils
+
+    keys = sorted(layout)
+    values = np.array([layout[k] for k in keys], np.int64)
+    gathered = np.asarray(multihost_utils.process_allgather(values))
+    return dict(zip(keys, gathered.reshape(-1, len(keys)).max(axis=0).tolist()))
+
+
+def is_packed(features: Mapping[str, np.ndarray]) -> bool:
+    """Which of the two layouts (module docstring) a feature dict is in."""
+    return "query_slot" in features
+
+
+def num_tokens(features: Mapping[str, np.ndarray]) -> int:
+    """Non-padding tokens of a batch, over every role (for tokens/s)."""
+    return int(sum(np.count_nonzero(features[f"{role}_segment_ids"]) for role in ROLES
+                   if f"{role}_segment_ids" in features))
 
 
 def padding_fraction(features: Mapping[str, np.ndarray]) -> float:
@@ -427,6 +490,8 @@ def padding_fraction(features: Mapping[str, np.ndarray]) -> float:
     total = 0
     padding = 0
     for role in ROLES:
+        if f"{role}_segment_ids" not in features:
+            continue
         segment_ids = features[f"{role}_segment_ids"]
         total += segment_ids.size
         padding += int((segment_ids == 0).sum())
@@ -434,25 +499,41 @@ def padding_fraction(features: Mapping[str, np.ndarray]) -> float:
 
 
 def examples_in_features(features: Mapping[str, np.ndarray]) -> dict[str, list[tuple[int, ...]]]:
-    """Each example's token ids per role, read back from the features (for tests and checks).
+    """Each example's token ids per role, read back from the features (either layout; for
+    tests and checks).
 
     Returns {"query": [ids of example b], "positive": [...], "negatives": [(ids of example b's
     negatives, in slot order, present ones only)]}.
     """
+    batch_size = len(features["query_hash"])
+    mask = features.get("negative_mask", np.zeros((batch_size, 0), bool))
     out: dict[str, list] = {}
-    for role, slot_key in (("query", "query_slot"), ("positive", "positive_slot"), ("negatives", "negative_slot")):
+    for role in ROLES:
+        if f"{role}_tokens" not in features:
+            out[role] = [()] * batch_size
+            continue
         tokens = features[f"{role}_tokens"]
         segment_ids = features[f"{role}_segment_ids"]
-        segments = features[f"{role}_segment_mask"].shape[1]
-        slots = features[slot_key]
+        if is_packed(features):
+            segments = features[f"{role}_segment_mask"].shape[1]
+            slots = features["negative_slot" if role == "negatives" else f"{role}_slot"]
+            tokens = tokens.reshape(-1, tokens.shape[-1])
+            segment_ids = segment_ids.reshape(-1, segment_ids.shape[-1])
+        else:
+            segments = 1
+            k = mask.shape[1]
+            slots = (np.arange(batch_size * k).reshape(batch_size, k) if role == "negatives"
+                     else np.arange(batch_size))
+            tokens = tokens.reshape(-1, tokens.shape[-1])
+            segment_ids = segment_ids.reshape(-1, segment_ids.shape[-1])
 
         def ids_of(slot: int) -> tuple[int, ...]:
             row, segment = divmod(int(slot), segments)
             return tuple(int(t) for t in tokens[row][segment_ids[row] == segment + 1])
 
         if role == "negatives":
-            mask = features["negative_mask"]
-            out[role] = [tuple(ids_of(s) for s, m in zip(slots[b], mask[b]) if m) for b in range(len(slots))]
+            out[role] = [tuple(ids_of(s) for s, m in zip(slots[b], mask[b]) if m)
+                         for b in range(batch_size)]
         else:
             out[role] = [ids_of(s) for s in slots]
     return out

@@ -7,10 +7,10 @@ need not sum to one. Built-in mixtures:
   gemb_quickstart       the offline docstring->code corpus alone (works on every machine)
   gemb_shared_finetune  docstring->code + the ../shared/data tasks that are registered
 
-Change the rates or define a mixture from gin without code:
+Change the rates or define a mixture from gin without code, through the training data:
 
-  mixtures.build_mixture.name = 'my_mix'
-  mixtures.build_mixture.rates = {'gemb_docstring_code': 3, 'gemb_snli_triplets': 1}
+  SeqioData.mixture = 'my_mix'
+  SeqioData.rates = {'gemb_docstring_code': 3, 'gemb_snli_triplets': 1}
 
 Tasks named in a mixture but not registered (a ../shared task on a machine without that folder)
 are left out with a warning, unless `require_all_tasks=True`.
@@ -21,10 +21,10 @@ from __future__ import annotations
 import logging
 from typing import Mapping, Optional
 
-import gin
 import seqio
 
-from gemb.data import tasks
+from gemb.data import tasks, templates
+from gemb.data.quality import QualityPolicy
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ SHARED_FINETUNE = "gemb_shared_finetune"
 
 DEFAULT_RATES: dict[str, dict[str, float]] = {
     QUICKSTART: {tasks.DOCSTRING_CODE: 1.0},
-    # Task diversity matters more than size in fine-tuning (RECIPE.md), so the small shared sets
+    # Task diversity matters more than size in fine-tuning (docs/recipe.md), so the small shared sets
     # get rates close to the large code corpus rather than rates proportional to their sizes.
     # No STS-scored data (STSBenchmark, stsb_multi_mt): STS is evaluated zero-shot, as MTEB does.
     SHARED_FINETUNE: {
@@ -66,25 +66,22 @@ def register_mixture(name: str, rates: Mapping[str, float], require_all_tasks: b
     return seqio.MixtureRegistry.add(name, entries)
 
 
-def task_rates(mixture: seqio.Mixture) -> list[tuple[seqio.Task, float]]:
-    """(task, rate) in task-name order: the form the batcher consumes."""
-    return [(task, float(mixture.get_rate(task))) for task in mixture.tasks]
-
-
-@gin.configurable
 def build_mixture(
     vocabulary: seqio.Vocabulary,
     name: str = QUICKSTART,
     rates: Optional[Mapping[str, float]] = None,
     require_all_tasks: bool = False,
+    policy: Optional[QualityPolicy] = None,
+    template_overrides: Optional[Mapping[str, templates.TemplateOverride]] = None,
 ) -> seqio.Mixture:
-    """Registers the default tasks with `vocabulary`, then the mixture `name` with `rates`.
-
-    rates=None uses DEFAULT_RATES[name].
+    """Registers the default tasks with `vocabulary` (and the run's bad-data policy and prompt
+    overrides), then the mixture `name` with `rates`; rates=None uses DEFAULT_RATES[name].
     """
     if rates is None:
         if name not in DEFAULT_RATES:
             raise ValueError(f"no default rates for mixture {name!r}; pass rates= (known: {sorted(DEFAULT_RATES)})")
         rates = DEFAULT_RATES[name]
-    tasks.register_default_tasks(vocabulary, include_shared=any(t in tasks.SHARED_TASKS for t in rates))
+    tasks.register_default_tasks(vocabulary,
+                                 include_shared=any(t in tasks.SHARED_TASKS for t in rates),
+                                 policy=policy, template_overrides=template_overrides)
     return register_mixture(name, rates, require_all_tasks=require_all_tasks)

@@ -5,15 +5,15 @@ A task's pipeline (gemb.data.tasks) is
   source example (gemb.data.sources.EXAMPLE_FEATURES, strings)
     -> apply_templates   query / positive / negatives become the prompted texts; titles dropped
     -> tokenize_roles    int32 token ids: query [n], positive [n], negatives ragged [K, n]
-    -> trim_roles        each role cut to its sequence length (the converter's content length)
 
-`num_negatives` passes through unchanged. No BOS/EOS is added here: the feature converter adds
-them, because how many special tokens a row carries is a property of the model, not the task.
+`num_negatives` passes through unchanged. Texts are neither cut nor given BOS/EOS here: the
+feature converter does both, in one place, because how many special tokens a row carries (and
+so how much text fits) is a property of the model, not the task.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping
 
 import seqio
 import tensorflow as tf
@@ -23,11 +23,8 @@ from gemb.data import sources, templates
 ROLES = ("query", "positive", "negatives")
 
 
-def apply_templates(
-    dataset: tf.data.Dataset, task_name: str, default_template: templates.PromptTemplate
-) -> tf.data.Dataset:
-    """Writes each role with its task's prompt (resolved now, so gin overrides apply)."""
-    template = templates.resolve_template(task_name, default_template)
+def apply_templates(dataset: tf.data.Dataset, template: templates.PromptTemplate) -> tf.data.Dataset:
+    """Writes each role with its task's prompt."""
 
     def render(example):
         out = {key: value for key, value in example.items()
@@ -76,31 +73,6 @@ def tokenize_roles(dataset: tf.data.Dataset, output_features: Mapping[str, seqio
     return dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def trim_roles(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[str, int]] = None) -> tf.data.Dataset:
-    """Cuts each role to sequence_length[role] tokens (None or a missing role: no cut).
-
-    sequence_length["negatives"] may be an int or seqio's per-dimension form [None, length]
-    (the only form that also suits seqio's own trimming in Task.get_dataset, which would
-    otherwise cut the K negatives instead of their tokens).
-    """
-    if not sequence_length:
-        return dataset
-    limits = {role: sequence_length.get(role) for role in ROLES}
-    if isinstance(limits["negatives"], (list, tuple)):
-        limits["negatives"] = limits["negatives"][-1]
-
-    def trim(example):
-        out = dict(example)
-        for role in ("query", "positive"):
-            if limits[role] is not None:
-                out[role] = example[role][: limits[role]]
-        if limits["negatives"] is not None:
-            out["negatives"] = example["negatives"][:, : limits["negatives"]]
-        return out
-
-    return dataset.map(trim, num_parallel_calls=tf.data.AUTOTUNE)
-
-
 def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
     """The seqio output features every embedding task declares."""
     return {
@@ -110,11 +82,10 @@ def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
     }
 
 
-def task_preprocessors(task_name: str, template: templates.PromptTemplate) -> list[Callable]:
+def task_preprocessors(template: templates.PromptTemplate) -> list[Callable]:
     import functools
 
     return [
-        functools.partial(apply_templates, task_name=task_name, default_template=template),
+        functools.partial(apply_templates, template=template),
         tokenize_roles,
-        trim_roles,
     ]

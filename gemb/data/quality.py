@@ -26,7 +26,6 @@ import logging
 import threading
 from typing import Any, Mapping, Optional
 
-import gin
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,6 @@ class BadDataError(ValueError):
     """A bad record under on_bad_data='fatal'."""
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class QualityPolicy:
     """What a task does with bad records.

@@ -396,7 +396,7 @@ class InMemoryExampleSource(seqio.DataSource):
       readers: {split: a function returning the split's RawRecords}.
       builder: raw record -> Example (see the builders above).
       num_negatives: K, the negative slots of every example; extra negatives are dropped.
-      policy: bad-data policy; None uses QualityPolicy() as bound in gin at read time.
+      policy: bad-data policy; None uses the default QualityPolicy().
     """
 
     def __init__(
@@ -430,8 +430,7 @@ class InMemoryExampleSource(seqio.DataSource):
     def examples(self, split: str) -> dict[str, np.ndarray]:
         """Every example of the split as numpy arrays (EXAMPLE_FEATURES), read once.
 
-        Reading happens on first use, not at registration, so registering a task costs nothing
-        and gin bindings of QualityPolicy parsed after registration still apply.
+        Reading happens on first use, not at registration, so registering a task costs nothing.
         """
         if split not in self.readers:
             raise ValueError(f"task {self.task_name!r} has no split {split!r}; splits: {sorted(self.readers)}")

@@ -16,8 +16,9 @@ gemb_stsb_train is STS-scored data: no shipped mixture uses it, because STS is e
 (as MTEB does); it stays registered for data tests and deliberate ablations.
 The ../shared/data tasks are registered only when that folder exists (gemb.paths.shared_data_root).
 Tasks are bound to a vocabulary, which is only known once a model is chosen, so registration is an
-explicit call (gin-configurable) rather than an import side effect; calling it again replaces the
-tasks, e.g. with another vocabulary. Nothing is read until a dataset is requested.
+explicit call (gemb.data.mixtures.build_mixture makes it for a run) rather than an import side
+effect; calling it again replaces the tasks, e.g. with another vocabulary, bad-data policy or
+prompt overrides. Nothing is read until a dataset is requested.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import logging
 from pathlib import Path
 from typing import Mapping, Optional
 
-import gin
 import seqio
 
 from gemb import paths
@@ -60,8 +60,9 @@ def add_embedding_task(
     """Registers (or replaces) one embedding task and returns it.
 
     readers: {split: function returning RawRecords}; builder: record -> Example;
-    template: the task's default prompts (gin may override them per task name);
-    num_negatives: K hard-negative slots per example; policy: bad-data policy (None: gin default).
+    template: the task's prompts (a registration resolves the run's overrides into it);
+    num_negatives: K hard-negative slots per example; policy: bad-data policy (None: the
+    default QualityPolicy()).
     """
     seqio.TaskRegistry.remove(name)
     source = sources.InMemoryExampleSource(name, readers, builder, num_negatives=num_negatives, policy=policy)
@@ -69,7 +70,7 @@ def add_embedding_task(
         name,
         source=source,
         output_features=preprocessors.output_features(vocabulary),
-        preprocessors=preprocessors.task_preprocessors(name, template),
+        preprocessors=preprocessors.task_preprocessors(template),
         shuffle_buffer_size=None,  # the source shuffles whole splits itself
     )
 
@@ -79,22 +80,30 @@ def num_negatives(task: seqio.Task) -> int:
     return getattr(task.source, "num_negatives", 0)
 
 
-def register_docstring_code(vocabulary: seqio.Vocabulary, policy: Optional[QualityPolicy] = None) -> str:
+def register_docstring_code(vocabulary: seqio.Vocabulary, policy: Optional[QualityPolicy] = None,
+                            template_overrides: Optional[Mapping] = None) -> str:
     add_embedding_task(
         DOCSTRING_CODE,
         {split: (lambda split=split: sources.read_docstring_code(split)) for split in ("train", "validation", "test")},
         sources.PairBuilder(query_field="query", positive_field="code"),
         vocabulary,
-        templates.default_template("code_retrieval"),
+        templates.resolve_template(DOCSTRING_CODE, templates.default_template("code_retrieval"),
+                                   template_overrides),
         policy=policy,
     )
     return DOCSTRING_CODE
 
 
 def register_shared_tasks(
-    vocabulary: seqio.Vocabulary, root: Optional[Path] = None, policy: Optional[QualityPolicy] = None
+    vocabulary: seqio.Vocabulary, root: Optional[Path] = None, policy: Optional[QualityPolicy] = None,
+    template_overrides: Optional[Mapping] = None,
 ) -> list[str]:
     """Registers the ../shared/data training tasks that exist; returns their names."""
+
+    def template(task_name: str, kind: str) -> templates.PromptTemplate:
+        return templates.resolve_template(task_name, templates.default_template(kind),
+                                          template_overrides)
+
     root = Path(root) if root is not None else paths.shared_data_root()
     if not root.is_dir():
         log.info("%s is absent: the shared-data tasks are not registered", root)
@@ -111,7 +120,7 @@ def register_shared_tasks(
             },
             sources.StsPairBuilder(threshold=STS_POSITIVE_THRESHOLD),
             vocabulary,
-            templates.default_template("sentence_similarity"),
+            template(STSB_TRAIN, "sentence_similarity"),
             policy=policy,
         )
         names.append(STSB_TRAIN)
@@ -123,7 +132,7 @@ def register_shared_tasks(
             {"train": lambda: sources.read_tsv(str(snli / "snli_triplets.tsv"))},
             sources.TripletBuilder(query_field="anchor", positive_field="positive", negative_fields=("negative",)),
             vocabulary,
-            templates.default_template("sentence_similarity"),
+            template(SNLI_TRIPLETS, "sentence_similarity"),
             num_negatives=1,
             policy=policy,
         )
@@ -139,7 +148,7 @@ def register_shared_tasks(
             {"train": lambda: sources.read_csv(str(banking / "train.csv"))},
             sources.ClassificationBuilder(text_field="text", label_field="category", labels=labels),
             vocabulary,
-            templates.default_template("classification"),
+            template(BANKING77_TRAIN, "classification"),
             policy=policy,
         )
         names.append(BANKING77_TRAIN)
@@ -151,21 +160,22 @@ def register_shared_tasks(
             {"train": lambda: sources.read_beir(str(cosqa), "dev")},
             sources.PairBuilder(query_field="query", positive_field="positive", title_field="positive_title"),
             vocabulary,
-            templates.default_template("code_retrieval"),
+            template(COSQA_DEV, "code_retrieval"),
             policy=policy,
         )
         names.append(COSQA_DEV)
     return names
 
 
-@gin.configurable
 def register_default_tasks(
     vocabulary: seqio.Vocabulary,
     include_shared: bool = True,
     policy: Optional[QualityPolicy] = None,
+    template_overrides: Optional[Mapping] = None,
 ) -> list[str]:
     """Registers the docstring corpus and (when present) the ../shared/data tasks."""
-    names = [register_docstring_code(vocabulary, policy)]
+    names = [register_docstring_code(vocabulary, policy, template_overrides)]
     if include_shared:
-        names += register_shared_tasks(vocabulary, policy=policy)
+        names += register_shared_tasks(vocabulary, policy=policy,
+                                       template_overrides=template_overrides)
     return names

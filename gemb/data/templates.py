@@ -1,23 +1,23 @@
 """Task prompts: the one place that decides how a query or a document is written for the model.
 
-The recipe (../shared/docs/RECIPE.md, "Inputs") gives queries a task prompt and documents a
+The recipe (docs/recipe.md, "Inputs") gives queries a task prompt and documents a
 neutral title/text frame:
 
     query    = "task: {task} | query: {text}"
     document = "title: {title} | text: {text}"      ({title} is "none" when there is no title)
 
 `TASK_DESCRIPTIONS` holds the short task phrases. Every registered task names a default
-`PromptTemplate`; gin can replace it per task without touching the registration:
+`PromptTemplate`; a run replaces it per task without touching the registration, through the
+training data's `templates` (gin: gemb.train.data.SeqioData.templates):
 
-    templates.template_overrides.overrides = {
+    SeqioData.templates = {
         'gemb_stsb_train': {'task_description': 'semantic similarity'},
         'gemb_docstring_code': {'document_format': '{text}'},
     }
 
-Templates are resolved when a dataset is built (not when a task is registered), so bindings
-parsed after `import gemb.data.tasks` still apply. Each template renders in Python (`query`,
-`document`) and in TensorFlow (`query_tf`, `document_tf`, elementwise over any shape) and the two
-renderings are identical, which the tests check.
+which `resolve_template` applies when the tasks are registered for that run. Each template
+renders in Python (`query`, `document`) and in TensorFlow (`query_tf`, `document_tf`,
+elementwise over any shape) and the two renderings are identical, which the tests check.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import dataclasses
 import string
 from typing import Any, Mapping, Optional, Union
 
-import gin
 
 # Short task phrases of the recipe; keys are what task registrations refer to.
 TASK_DESCRIPTIONS = {
@@ -44,7 +43,6 @@ DOCUMENT_FORMAT = "title: {title} | text: {text}"
 EMPTY_TITLE = "none"
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class PromptTemplate:
     """How one task writes its queries and documents.
@@ -144,15 +142,11 @@ def default_template(kind: str, **changes: Any) -> PromptTemplate:
 TemplateOverride = Union[PromptTemplate, Mapping[str, Any]]
 
 
-@gin.configurable
-def template_overrides(overrides: Optional[Mapping[str, TemplateOverride]] = None) -> dict[str, TemplateOverride]:
-    """Per-task replacements, bound from gin: {task name: PromptTemplate or field changes}."""
-    return dict(overrides or {})
-
-
-def resolve_template(task_name: str, default: PromptTemplate) -> PromptTemplate:
-    """The template a task uses now: its default, with any gin override applied."""
-    override = template_overrides().get(task_name)
+def resolve_template(task_name: str, default: PromptTemplate,
+                     overrides: Optional[Mapping[str, TemplateOverride]] = None) -> PromptTemplate:
+    """The template a task uses: its default, with the run's override for it applied
+    (overrides: {task name: PromptTemplate or {field: value}})."""
+    override = (overrides or {}).get(task_name)
     if override is None:
         return default
     if isinstance(override, PromptTemplate):

@@ -4,10 +4,7 @@ For each model: one JSON file per task (every metric, the main score, timings, w
 came from) and a markdown table of main scores; at the end one line per task on stdout,
 `TASK<TAB>MAIN_SCORE` with the score x100 to two decimals. Several models make one table with a
 column per model, and a model that could not be loaded or scored is named with the reason
-instead of silently missing.
-
-`EvalHook` is the in-training form: a short task list scored every N steps, written to
-TensorBoard.
+instead of silently missing. The training hook (gemb.eval.hook) scores through `run_tasks` too.
 """
 
 from __future__ import annotations
@@ -21,10 +18,10 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, TextIO, Union
+from typing import Any, Mapping, Optional, Sequence, TextIO, Union
 
 from gemb.eval import encoders
-from gemb.eval.tasks import Task, parse_task_list
+from gemb.eval.tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -172,65 +169,3 @@ def write_table(output_dir: Union[str, Path], table: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table)
     return path
-
-
-# ------------------------------------------------------------------------- in-training hook
-
-
-class TensorBoardScalars:
-    """Writes scalars to a TensorBoard event file with the tensorboard package alone
-    (no TensorFlow, no torch), so the hook works on machines without either."""
-
-    def __init__(self, logdir: Union[str, Path]):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-        self._writer = EventFileWriter(str(logdir))
-
-    def __call__(self, step: int, scalars: Mapping[str, float]) -> None:
-        from tensorboard.compat.proto import event_pb2, summary_pb2
-
-        summary = summary_pb2.Summary(value=[
-            summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
-            for tag, value in scalars.items()])
-        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                               summary=summary))
-        self._writer.flush()
-
-    def close(self) -> None:
-        self._writer.close()
-
-
-class EvalHook:
-    """Scores a small task list every `every_n_steps` training steps.
-
-    The trainer calls `maybe_evaluate(step, encoder)` each step with an encoder over the current
-    parameters; scores go to `log_scalars(step, {"eval/TASK/main_score": ...})`, by default a
-    TensorBoard event file in `logdir`. No embedding cache: the weights change between calls.
-    """
-
-    def __init__(self, tasks: Union[str, Sequence[str]], every_n_steps: int, *,
-                 logdir: Optional[Union[str, Path]] = None,
-                 log_scalars: Optional[Callable[[int, Mapping[str, float]], None]] = None,
-                 batch_size: int = 64):
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        if log_scalars is None and logdir is None:
-            raise ValueError("give logdir (TensorBoard) or log_scalars.")
-        self.tasks = parse_task_list(tasks)
-        self.every_n_steps = every_n_steps
-        self.batch_size = batch_size
-        self.log_scalars = log_scalars or TensorBoardScalars(logdir)
-
-    def maybe_evaluate(self, step: int, encoder: Any) -> Optional[dict[str, float]]:
-        if step % self.every_n_steps:
-            return None
-        return self.evaluate(step, encoder)
-
-    def evaluate(self, step: int, encoder: Any) -> dict[str, float]:
-        results = run_tasks(encoder, self.tasks, model_name=f"step {step}",
-                            batch_size=self.batch_size, show_progress=False)
-        scalars = {f"eval/{r.task}/main_score": r.main_score for r in results
-                   if r.main_score is not None}
-        if scalars:
-            self.log_scalars(step, scalars)
-        return scalars

@@ -1,7 +1,14 @@
-"""Evaluation tasks: registered names for the datasets in ../shared/data, and TYPE:PATH specs.
+"""Evaluation tasks: registered names (the datasets in ../shared/data and gemb's docstring ->
+code corpus) and TYPE:PATH specs.
 
-A task spec is either a registered name (case-insensitive; `gemb eval --list-tasks` prints them)
-or TYPE:PATH with optional ?key=value&key=value options:
+A `Task` is gemb's one evaluator contract: `task.evaluate(encoder)` returns its scores with a
+`main_score`. `gemb eval`, the training hook (gemb.eval.hook.EvalHook) and the quickstart all
+score through it.
+
+A task spec is either a registered name (case-insensitive; `gemb eval --list-tasks` prints
+them), optionally with options (DocstringCode?split=test&num_queries=200&seed=0; every
+registered task takes name= and prompt_task=), or TYPE:PATH with optional
+?key=value&key=value options:
 
   retrieval:DIR        BEIR folder: corpus.jsonl[.gz], queries.jsonl[.gz], qrels/<split>.tsv
                        options: split=test, missing_docs=error|count, ignore_identical_ids=0|1,
@@ -391,9 +398,54 @@ def load_cosqa(split: str = "test") -> retrieval.RetrievalData:
     return retrieval.load_beir(paths.shared_data_root() / "cosqa", split=split)
 
 
-def _registry() -> dict[str, Callable[[], Task]]:
+def load_docstring_code(split: str = "test", num_queries: Optional[int] = None,
+                        seed: int = 0) -> retrieval.RetrievalData:
+    """Docstring -> code retrieval on the offline corpus (gemb.data.code_corpus).
+
+    Queries are the first docstring paragraphs of a split's functions; the corpus is the code
+    of the same functions, so every query has exactly one relevant document. The validation and
+    test splits are whole modules the training split never saw. num_queries takes a fixed
+    random subsample (seeded) to keep evaluation during CPU training short.
+    """
+    from gemb.data import code_corpus
+
+    records = list(code_corpus.read_split(split))
+    if not records:
+        raise ValueError(f"the docstring corpus has no {split!r} examples.")
+    chosen = range(len(records))
+    if num_queries is not None:
+        chosen = sorted(np.random.default_rng(seed).permutation(len(records))[:num_queries])
+    queries, corpus_ids, corpus_texts, qrels = {}, [], [], {}
+    for index in chosen:
+        record = records[index]
+        qid, did = f"q{index}", f"d{index}"
+        queries[qid] = record["query"]
+        corpus_ids.append(did)
+        corpus_texts.append(record["code"])
+        qrels[qid] = {did: 1}
+    return retrieval.RetrievalData(corpus_ids=corpus_ids, corpus_texts=corpus_texts,
+                                   queries=queries, qrels=qrels, source=f"docstring_code[{split}]")
+
+
+def _docstring_code_task(name: str = "DocstringCode", split: str = "test",
+                         num_queries: Optional[int] = None, seed: int = 0) -> Task:
+    sample = f", {num_queries} queries (seed {seed})" if num_queries else ""
+    return Task(name, "retrieval", lambda: load_docstring_code(split, num_queries, seed),
+                f"gemb.data.code_corpus ({split} split{sample})",
+                "docstring -> code retrieval on modules the training split never saw",
+                prompt_task=encoders.PROMPT_TASKS["code_retrieval"])
+
+
+# Options a registered task takes besides name= and prompt_task=, with their types.
+REGISTERED_OPTIONS: dict[str, dict[str, type]] = {
+    "DocstringCode": {"split": str, "num_queries": int, "seed": int},
+}
+
+
+def _registry() -> dict[str, Callable[..., Task]]:
     shared = "../shared/data"
     return {
+        "DocstringCode": _docstring_code_task,
         "STSBenchmark": lambda: Task(
             "STSBenchmark", "sts", load_stsbenchmark, f"{shared}/stsbenchmark/sts-test.csv",
             "STS Benchmark test split (MTEB STSBenchmark)", reference_name="STSBenchmark"),
@@ -461,16 +513,42 @@ def _default_name(path: Path) -> str:
     return path.name if path.is_dir() or not path.suffix else path.stem
 
 
+def _registered_task(name: str, query: str, spec: str, registry) -> Task:
+    """A registered task, with its options (NAME?key=value&...): name=, prompt_task= and the
+    ones REGISTERED_OPTIONS lists for it."""
+    allowed = {key: str for key in COMMON_OPTIONS} | REGISTERED_OPTIONS.get(name, {})
+    options: dict[str, Any] = {}
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if key not in allowed:
+            raise ValueError(f"task {spec!r}: unknown option {key!r}; {name} takes "
+                             f"{', '.join(allowed)}.")
+        try:
+            options[key] = allowed[key](value)
+        except ValueError:
+            raise ValueError(f"task {spec!r}: {key} must be {allowed[key].__name__}, got "
+                             f"{value!r}.") from None
+    file_as = options.pop("name", None)
+    prompt_task = options.pop("prompt_task", None)
+    task = registry[name](**options)
+    if file_as:
+        task.name = file_as
+    if prompt_task:
+        task.prompt_task = prompt_task
+    return task
+
+
 def parse_task(spec: str) -> Task:
-    """A Task from a registered name or a TYPE:PATH[?options] spec."""
+    """A Task from a registered name (with options: NAME?key=value) or a TYPE:PATH[?options]
+    spec."""
     spec = spec.strip()
     if not spec:
         raise ValueError("empty task name.")
     registry = _registry()
     by_lower = {name.lower(): name for name in registry}
     by_lower.update({alias.lower(): name for alias, name in ALIASES.items()})
-    if spec.lower() in by_lower:
-        return registry[by_lower[spec.lower()]]()
+    head, _, query = spec.partition("?")
+    if head.lower() in by_lower:
+        return _registered_task(by_lower[head.lower()], query, spec, registry)
     prefix, colon, rest = spec.partition(":")
     if not colon or prefix not in SPEC_PREFIXES:
         raise ValueError(

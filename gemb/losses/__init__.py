@@ -1,5 +1,5 @@
 """The contrastive training objective: NCE with global in-batch and hard negatives, duplicate
-masking, Matryoshka prefixes and gradient caching (../shared/docs/RECIPE.md, "Loss")."""
+masking, Matryoshka prefixes and gradient caching (docs/recipe.md, "Loss")."""
 
 from gemb.losses.contrastive import (
     ContrastiveLossConfig,
@@ -7,12 +7,12 @@ from gemb.losses.contrastive import (
     contrastive_loss_from_features,
     effective_temperature,
     initial_log_temperature,
-    l2_normalize,
 )
 from gemb.losses.gradcache import (
     full_batch_value_and_grad,
     global_batch_size,
     gradient_cached_value_and_grad,
+    split_rows,
 )
 from gemb.losses.matryoshka import (
     embedding_prefix,
@@ -30,7 +30,7 @@ __all__ = [
     "global_batch_size",
     "gradient_cached_value_and_grad",
     "initial_log_temperature",
-    "l2_normalize",
     "matryoshka_contrastive_loss",
     "matryoshka_dims_for",
+    "split_rows",
 ]

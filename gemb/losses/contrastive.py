@@ -1,4 +1,4 @@
-"""Noise-contrastive estimation over the global batch (../shared/docs/RECIPE.md, "Loss").
+"""Noise-contrastive estimation over the global batch (docs/recipe.md, "Loss").
 
 For query i the candidates form one row of logits, s(x, y) = cos(x, y) / tau:
 
@@ -43,10 +43,10 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from gemb.models.heads import l2_normalize
+
 # Rows of logits where a candidate is masked hold -inf; the log-sum-exp ignores them exactly.
 _MASKED_LOGIT = -jnp.inf
-# Guards the L2 norm of an all-zero vector (padding) against division by zero.
-_NORM_EPSILON = 1e-12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +63,10 @@ class ContrastiveLossConfig:
       symmetric: add the document -> query term and average the two directions.
       query_query_negatives: add the other queries of the batch to each query's candidates.
       label_smoothing: target mass spread uniformly over the valid candidates of a row.
-      matryoshka_dims: nested prefix sizes the loss is applied to, strictly increasing;
-        empty means the full embedding only.
-      matryoshka_weights: one weight per prefix size; None means all 1.
+      matryoshka_dims: nested prefix sizes the loss is applied to, in any order (stored
+        sorted, smallest first, with their weights); empty means the full embedding only.
+      matryoshka_weights: one weight per prefix size, in the order of matryoshka_dims as
+        given; None means all 1.
     """
 
     temperature: float = 0.02
@@ -82,11 +83,22 @@ class ContrastiveLossConfig:
 
     def __post_init__(self):
         # gin and YAML hand lists; store tuples so the config stays hashable (jit static arg).
-        object.__setattr__(self, "matryoshka_dims", tuple(int(d) for d in self.matryoshka_dims))
-        if self.matryoshka_weights is not None:
-            object.__setattr__(
-                self, "matryoshka_weights", tuple(float(w) for w in self.matryoshka_weights)
+        dims = tuple(int(d) for d in self.matryoshka_dims)
+        weights = (None if self.matryoshka_weights is None
+                   else tuple(float(w) for w in self.matryoshka_weights))
+        if weights is not None and len(weights) != len(dims):
+            raise ValueError(
+                f"ContrastiveLossConfig.matryoshka_weights has {len(weights)} entries but "
+                f"matryoshka_dims has {len(dims)}; give one weight per dim."
             )
+        if len(set(dims)) != len(dims):
+            raise ValueError(f"ContrastiveLossConfig.matryoshka_dims {dims} repeat a width.")
+        # The prefixes are a set of widths (EncoderConfig.matryoshka_dims lists them in any
+        # order too); sorted, the largest is last, which the metrics report unsuffixed.
+        order = sorted(range(len(dims)), key=dims.__getitem__)
+        object.__setattr__(self, "matryoshka_dims", tuple(dims[i] for i in order))
+        if weights is not None:
+            object.__setattr__(self, "matryoshka_weights", tuple(weights[i] for i in order))
         if not self.temperature > 0:
             raise ValueError(
                 f"ContrastiveLossConfig.temperature must be > 0, got {self.temperature}; "
@@ -116,17 +128,7 @@ class ContrastiveLossConfig:
             raise ValueError(
                 f"ContrastiveLossConfig.matryoshka_dims must be positive, got {dims}."
             )
-        if any(a >= b for a, b in zip(dims, dims[1:])):
-            raise ValueError(
-                f"ContrastiveLossConfig.matryoshka_dims must be strictly increasing, got {dims}; "
-                "list the prefix sizes from smallest to largest, e.g. (128, 256, 512, 768)."
-            )
         if self.matryoshka_weights is not None:
-            if len(self.matryoshka_weights) != len(dims):
-                raise ValueError(
-                    f"ContrastiveLossConfig.matryoshka_weights has {len(self.matryoshka_weights)} "
-                    f"entries but matryoshka_dims has {len(dims)}; give one weight per dim."
-                )
             if any(w < 0 for w in self.matryoshka_weights):
                 raise ValueError(
                     "ContrastiveLossConfig.matryoshka_weights must be >= 0, got "
@@ -160,11 +162,6 @@ def effective_temperature(
             "log_temperature (start it at initial_log_temperature(config))."
         )
     return jnp.clip(jnp.exp(log_temperature), config.min_temperature, config.max_temperature)
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    squared_norm = jnp.sum(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, _NORM_EPSILON**2))
 
 
 def _loss_dtype(*arrays) -> jnp.dtype:

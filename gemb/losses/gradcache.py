@@ -51,18 +51,26 @@ def global_batch_size(batch: PyTree) -> int:
     return sizes.pop()
 
 
-def _split_into_chunks(tree: PyTree, num_chunks: int) -> PyTree:
-    """[B, ...] -> [num_chunks, B // num_chunks, ...], chunk c holding rows c, c + n, ..."""
+def split_rows(tree: PyTree, parts: int, what: str = "chunks") -> PyTree:
+    """[B, ...] -> [parts, B // parts, ...], part c holding rows c, c + parts, c + 2 * parts ...
+
+    The one splitter of a global batch into gradient-cache chunks or accumulation
+    microbatches. Strided rather than contiguous parts: with the batch axis sharded over devices
+    in contiguous blocks, every part then stays spread over all devices.
+    """
 
     def split(x):
-        x = x.reshape((x.shape[0] // num_chunks, num_chunks) + x.shape[1:])
+        if x.shape[0] % parts:
+            raise ValueError(f"the global batch of {x.shape[0]} cannot be split into {parts} "
+                             f"{what}; use a batch size that is a multiple of {parts}.")
+        x = x.reshape((x.shape[0] // parts, parts) + x.shape[1:])
         return jnp.swapaxes(x, 0, 1)
 
     return jax.tree.map(split, tree)
 
 
 def _merge_chunks(tree: PyTree) -> PyTree:
-    """Inverse of `_split_into_chunks`."""
+    """Inverse of `split_rows`."""
 
     def merge(x):
         x = jnp.swapaxes(x, 0, 1)
@@ -108,7 +116,7 @@ def gradient_cached_value_and_grad(
                 "(or a batch size that is a multiple of it)."
             )
         num_chunks = batch_size // chunk_size
-        chunks = _split_into_chunks(batch, num_chunks)
+        chunks = split_rows(batch, num_chunks)
         chunk_indices = jnp.arange(num_chunks)
 
         # Pass 1: embeddings only. Nothing here is differentiated, so no activation outlives
@@ -150,7 +158,7 @@ def gradient_cached_value_and_grad(
         encoder_grads, _ = jax.lax.scan(
             accumulate,
             zeros,
-            (chunk_indices, chunks, _split_into_chunks(embedding_grads, num_chunks)),
+            (chunk_indices, chunks, split_rows(embedding_grads, num_chunks)),
         )
         grads = jax.tree.map(
             lambda p, encoder_grad, loss_grad: (encoder_grad + loss_grad).astype(p.dtype),

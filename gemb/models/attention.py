@@ -15,6 +15,7 @@ from flax import linen as nn
 
 from gemb.models import layers
 from gemb.models.config import AttentionType, TransformerConfig
+from gemb.partitioning.partitioner import constrain
 
 # Finite, so a padding query whose keys are all masked gives a harmless uniform row, not NaN.
 _MASKED_LOGIT = -2.3819763e38
@@ -64,7 +65,7 @@ class Attention(nn.Module):
                                         (cfg.num_heads, cfg.head_dim, cfg.embed_dim))
 
         query = jnp.einsum("btd,ndh->btnh", x, q_kernel)
-        query = layers.constrain(query, ("act_batch", "act_length", "act_heads", None))
+        query = constrain(query, ("act_batch", "act_length", "act_heads", None))
         key = jnp.einsum("bsd,kdh->bskh", x, kv_kernel[0])
         value = jnp.einsum("bsd,kdh->bskh", x, kv_kernel[1])
 

@@ -37,8 +37,8 @@ class Encoder(nn.Module):
 
         Returns a dict:
           pooled [B, S, D]: pooled final hidden states (before the head), float32;
-          projected [B, S, E]: the head's output, unnormalised;
-          embeddings {dim: [B, S, dim]}: L2-normalised Matryoshka prefixes;
+          projected [B, S, E]: the head's output, unnormalised (heads.matryoshka_embedding
+            gives the normalised embedding at a Matryoshka width);
           segment_mask [B, S]: which slots hold an example.
         """
         if segment_ids is None:
@@ -51,6 +51,16 @@ class Encoder(nn.Module):
         return {
             "pooled": pooled,
             "projected": projected,
-            "embeddings": heads.matryoshka_embeddings(projected, self.config.matryoshka_dims),
             "segment_mask": segment_mask,
         }
+
+
+def init_tokens() -> jax.Array:
+    """A token row to trace the encoder with (its params do not depend on the row's shape)."""
+    return jnp.zeros((1, 4), jnp.int32)
+
+
+def boxed_params(config: EncoderConfig) -> Any:
+    """The encoder's abstract params with their logical axis names (nn.Partitioned leaves of
+    ShapeDtypeStructs; no memory): what Partitioner.abstract_params places on a mesh."""
+    return jax.eval_shape(lambda: Encoder(config).init(jax.random.key(0), init_tokens()))["params"]

@@ -18,6 +18,7 @@ from flax import linen as nn
 
 from gemb.models import attention, layers
 from gemb.models.config import AttentionType, TransformerConfig
+from gemb.partitioning.partitioner import constrain
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block
@@ -44,7 +45,7 @@ class Block(nn.Module):
         mlp_out = layers.FeedForward(cfg.embed_dim, cfg.hidden_dim, cfg.dtype, cfg.param_dtype,
                                      name="mlp")(norm("pre_ffw_norm")(x))
         x = x + norm("post_ffw_norm")(mlp_out)
-        return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
+        return constrain(x, ("act_batch", "act_length", "act_embed"))
 
 
 def _maybe_remat(block_cls, config: TransformerConfig):
@@ -116,7 +117,7 @@ class Transformer(nn.Module):
         masks = attention.attention_masks(segment_ids, cfg.attention_mode, cfg.local_window_reach)
 
         x = self.embedder.encode(tokens)
-        x = layers.constrain(x, ("act_batch", "act_length", "act_embed"))
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
         if cfg.num_scanned_periods:
             x, _ = self.scanned_layers(x, positions, masks)
         for block in self.unscanned_layers:

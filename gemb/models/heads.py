@@ -29,10 +29,14 @@ class ProjectionHead(nn.Module):
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+    """x / max(||x||, eps) along the last axis, in x's dtype (the one normalisation of gemb:
+    the loss, `gemb embed` and the evaluators all use it). eps keeps an all-zero vector
+    (padding) finite."""
+    squared_norm = jnp.sum(x * x, axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, eps * eps))
 
 
-def matryoshka_embeddings(projected: jax.Array, dims: tuple[int, ...]) -> dict[int, jax.Array]:
-    """Each prefix of the embedding, re-normalised on its own (that is what MRL trains)."""
-    return {d: l2_normalize(projected[..., :d]) for d in dims}
+def matryoshka_embedding(projected: jax.Array, dim: int) -> jax.Array:
+    """The served embedding at Matryoshka width `dim`: the first `dim` coordinates of the head's
+    output, re-normalised on their own (a prefix of a unit vector is not a unit vector)."""
+    return l2_normalize(projected[..., :dim].astype(jnp.float32))

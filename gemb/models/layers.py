@@ -12,16 +12,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from gemb.partitioning.partitioner import constrain
+
 # Initialisers matter only for the parts trained from scratch (the projection head) and for
 # random-weight tests and benchmarks; imported weights replace them.
 _embedding_init = nn.initializers.normal(stddev=1.0)
 _kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
                                                 out_axis=-1)
-
-
-def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
-    """Sharding hint for a large activation; a no-op outside a mesh / rules context."""
-    return nn.with_logical_constraint(x, logical_axes)
 
 
 class RMSNorm(nn.Module):

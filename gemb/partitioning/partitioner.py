@@ -2,18 +2,21 @@
 
 `Partitioner` is the one object the trainer, the embedder and the tests use: it owns the mesh
 and the rules table, resolves each parameter's logical names to a NamedSharding (checking that
-the mesh really divides the array), and provides the context under which the model's
-activation constraints resolve.
+the mesh really divides the array), places host batches on the mesh, and provides the context
+under which the model's activation constraints (`constrain`) resolve, through the same
+resolver as the parameters (docs/design.md, convention 1).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -35,8 +38,14 @@ def _mesh_axes_for(name: str | None, rules) -> tuple[str, ...]:
 
 
 def logical_to_partition_spec(names: Sequence[str | None], shape: Sequence[int],
-                              mesh: jax.sharding.Mesh, rules, what: str) -> PartitionSpec:
-    """PartitionSpec for one array, checking divisibility dimension by dimension."""
+                              mesh: jax.sharding.Mesh, rules, what: str,
+                              replicate_indivisible: frozenset[str] | bool = False
+                              ) -> PartitionSpec:
+    """PartitionSpec for one array, checking divisibility dimension by dimension.
+
+    A dimension the mesh does not divide is an error naming `what`, unless its logical name is
+    in `replicate_indivisible` (or that is True: every name), which replicates it instead.
+    """
     if len(names) != len(shape):
         raise ValueError(f"{what}: {len(names)} logical names {tuple(names)} for shape {tuple(shape)}.")
     used: set[str] = set()
@@ -46,7 +55,8 @@ def logical_to_partition_spec(names: Sequence[str | None], shape: Sequence[int],
         axes = tuple(a for a in axes if mesh.shape[a] > 1)
         shards = math.prod(mesh.shape[a] for a in axes)
         if axes and size % shards:
-            if name in rules_lib.REPLICATE_IF_INDIVISIBLE:
+            if replicate_indivisible is True or (replicate_indivisible
+                                                 and name in replicate_indivisible):
                 log.debug("%s: %s of size %d replicated (mesh axes %s have %d shards)",
                           what, name, size, axes, shards)
                 axes = ()
@@ -87,14 +97,24 @@ class Partitioner:
         """
         def one(path, leaf):
             if isinstance(leaf, nn.Partitioned):
-                spec = logical_to_partition_spec(leaf.names, leaf.value.shape, self.mesh,
-                                                 self.rules, f"parameter {_path_name(path)}")
+                spec = logical_to_partition_spec(
+                    leaf.names, leaf.value.shape, self.mesh, self.rules,
+                    f"parameter {_path_name(path)}", rules_lib.REPLICATE_IF_INDIVISIBLE)
             else:
                 spec = PartitionSpec()
             return NamedSharding(self.mesh, spec)
 
         return jax.tree_util.tree_map_with_path(
             one, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+    def abstract_params(self, boxed_params: Any, dtype=None) -> Any:
+        """Unboxed ShapeDtypeStructs carrying their shardings (restore / jit targets), in the
+        params' own dtype or in `dtype`."""
+        shardings = nn.unbox(self.param_shardings(boxed_params))
+        return jax.tree.map(
+            lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, dtype or leaf.dtype,
+                                                        sharding=sharding),
+            nn.unbox(boxed_params), shardings)
 
     def batch_sharding(self, ndim: int = 2) -> NamedSharding:
         """Leading (batch) dimension over every data-like mesh axis, the rest replicated."""
@@ -107,16 +127,52 @@ class Partitioner:
                 f"({self.data_parallel_size} shards) of mesh {dict(self.mesh.shape)}; use a "
                 f"multiple of {self.data_parallel_size}.")
 
-    def shard_batch(self, batch: Any) -> Any:
-        """Host numpy batch (the global batch, single host) -> sharded jax.Arrays."""
-        def put(x):
-            self.check_batch_size(x.shape[0])
-            return jax.device_put(x, self.batch_sharding(x.ndim))
+    def place_batch(self, host_batch: Any) -> Any:
+        """This process's rows of a batch (numpy) -> global jax.Arrays split over the data axes.
 
-        return jax.tree_util.tree_map(put, batch)
+        Every leaf's leading axis is this process's share of the global batch; with one
+        process that is the whole batch. The global row count must divide over the data axes.
+        """
+        processes = jax.process_count()
+
+        def put(path, x):
+            x = np.asarray(x)
+            what = f"batch feature {_path_name(path)!r}" if path else "global batch"
+            if x.ndim == 0:
+                raise ValueError(f"{what} is a scalar; every batch feature needs the batch as "
+                                 "its leading axis.")
+            self.check_batch_size(x.shape[0] * processes, what)
+            return jax.make_array_from_process_local_data(self.batch_sharding(x.ndim), x)
+
+        return jax.tree_util.tree_map_with_path(put, host_batch)
+
+    def activation_spec(self, logical_axes: Sequence[str | None], shape: Sequence[int]
+                        ) -> PartitionSpec:
+        """The sharding hint of an activation. A dimension the mesh does not divide is left
+        replicated: a hint must never stop a run (the parameters are the checked part)."""
+        return logical_to_partition_spec(logical_axes, shape, self.mesh, self.rules,
+                                         f"activation {tuple(logical_axes)}",
+                                         replicate_indivisible=True)
 
     @contextlib.contextmanager
     def activation_context(self):
-        """Inside it, the model's nn.with_logical_constraint calls resolve on this mesh."""
-        with self.mesh, nn.logical_axis_rules(self.rules):
+        """Inside it (while tracing), `constrain` calls resolve on this partitioner."""
+        token = _ACTIVE.set(self)
+        try:
             yield
+        finally:
+            _ACTIVE.reset(token)
+
+
+_ACTIVE: contextvars.ContextVar[Partitioner | None] = contextvars.ContextVar(
+    "gemb_active_partitioner", default=None)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Sharding hint for a large activation from its logical axis names; a no-op outside a
+    `Partitioner.activation_context()` (single-device use, tests of a bare module)."""
+    partitioner = _ACTIVE.get()
+    if partitioner is None:
+        return x
+    spec = partitioner.activation_spec(logical_axes, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(partitioner.mesh, spec))

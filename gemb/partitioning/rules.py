@@ -33,6 +33,8 @@ STANDARD_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("act_mlp", "tensor"),
 )
 
-# Logical axes that fall back to replication (instead of an error) when the mesh axis does not
-# divide them. Anything else that does not divide is a configuration error worth reporting.
-REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads", "heads", "act_heads"})
+# Parameter axes that fall back to replication (instead of an error) when the mesh axis does not
+# divide them. Any other parameter dimension that does not divide is a configuration error worth
+# reporting. Activations never fail: an indivisible activation dimension is left replicated
+# (Partitioner.activation_spec), since it is only a hint to the compiler.
+REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads", "heads"})

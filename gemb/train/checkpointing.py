@@ -1,6 +1,6 @@
 """Checkpoints of a run (orbax CheckpointManager) and params-only initialisation.
 
-Resume and initialisation are different things (DESIGN.md convention 6):
+Resume and initialisation are different things (docs/design.md, convention 6):
 
 * auto-resume: `RunCheckpointer.restore_latest` restores the FULL state (params, optimiser,
   step, rng) and the data iterator's state from MODEL_DIR/checkpoints, newest first.
@@ -35,7 +35,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence

@@ -1,58 +1,136 @@
-"""Training data factories the trainer calls: make(state, partitioner) -> resumable iterator.
+"""What the trainer reads: the `TrainingData` interface and its two built-in kinds.
 
-An iterator yields converter feature dicts (host-local numpy) and has `.state`, a flat dict of
-ints saved with every checkpoint; building it again with that state continues with exactly the
-batch an uninterrupted run would have produced next.
+As t5x's DatasetConfig + get_dataset_fn: a `TrainingData` is a plain config object (gin builds
+it) with a global batch size and the feature converter's settings, and `make(state, shard)`
+returns this process's resumable `BatchIterator`. An iterator yields feature dicts of host-local
+numpy arrays in exactly the layout the train step consumes (gemb.data.feature_converter: padded
+or packed) and has `.state`, a flat dict of ints saved with every checkpoint; making the
+iterator again with that state continues with exactly the batch an uninterrupted run would have
+produced next.
 
 * `SeqioData`: the real pipeline (gemb.data: seqio tasks, mixtures, task-homogeneous batches).
 * `SyntheticData`: random token pairs with learnable structure, for TINY models, tests and
-  benchmarks; needs no tokenizer and no TensorFlow.
+  benchmarks; needs no tokenizer and no TensorFlow. It goes through the same feature converter.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Protocol
 
 import numpy as np
 
+from gemb.data.feature_converter import (
+    FeatureConverter,
+    FeatureConverterConfig,
+    RoleTokens,
+    TokenBatch,
+    agree_across_processes,
+)
+from gemb.data.quality import QualityPolicy
+
+DataState = Mapping[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataShard:
+    """This process's part of the global batch.
+
+    Attributes:
+      index, count: this process and how many there are; process `index` builds rows
+        [index * B / count, (index + 1) * B / count) of each global batch of B.
+      row_multiple: packed row counts are multiples of this (this process's data-parallel
+        devices), so the placed batch splits into whole rows per device.
+    """
+
+    index: int = 0
+    count: int = 1
+    row_multiple: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count or self.row_multiple < 1:
+            raise ValueError(f"DataShard(index={self.index}, count={self.count}, "
+                             f"row_multiple={self.row_multiple}) is not a valid shard.")
+
+
+class BatchIterator(Protocol):
+    """Feature dicts of this process's rows, resumable from `state`."""
+
+    @property
+    def state(self) -> dict[str, int]: ...
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+
+class TrainingData(abc.ABC):
+    """The training input of a run (see the module docstring).
+
+    Subclasses are dataclasses with at least `batch_size` (the GLOBAL batch) and `features`
+    (the feature converter's settings, which fix the batch layout).
+    """
+
+    batch_size: int
+    features: FeatureConverterConfig
+
+    @property
+    def packed(self) -> bool:
+        return self.features.pack
+
+    @abc.abstractmethod
+    def make(self, state: Optional[DataState], shard: DataShard) -> BatchIterator:
+        """This process's iterator, continuing from `state` ({} or None: from the start)."""
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def _synthetic_features() -> FeatureConverterConfig:
+    # length_buckets=() keeps every row at the full length: one compiled shape per run.
+    return FeatureConverterConfig(query_length=16, document_length=24, length_buckets=())
+
 
 @dataclasses.dataclass
-class SyntheticData:
+class SyntheticData(TrainingData):
     """Query i and its positive share a random 'topic' of tokens; negatives are other topics.
 
     Attributes:
       batch_size: global batch size.
       vocab_size: token ids are drawn from [3, vocab_size).
-      query_length, document_length: tokens per row (padded; lengths vary per example).
       num_negatives: hard negatives per example (K).
       num_topics: the structure to learn: examples of one topic are positives of each other.
       seed: data seed.
+      features: the feature converter's settings; query_length / document_length are also the
+        longest texts drawn (text lengths vary from half of that up).
     """
 
     batch_size: int = 16
     vocab_size: int = 512
-    query_length: int = 16
-    document_length: int = 24
     num_negatives: int = 0
     num_topics: int = 1024
     seed: int = 0
+    features: FeatureConverterConfig = dataclasses.field(default_factory=_synthetic_features)
 
-    def make(self, state: Optional[Mapping[str, int]] = None, num_shards: int = 1,
-             shard_index: int = 0) -> "SyntheticIterator":
-        return SyntheticIterator(self, dict(state or {}), num_shards, shard_index)
+    def make(self, state: Optional[DataState] = None,
+             shard: DataShard = DataShard()) -> "SyntheticIterator":
+        return SyntheticIterator(self, dict(state or {}), shard)
 
 
 class SyntheticIterator:
-    def __init__(self, spec: SyntheticData, state: Mapping[str, int], num_shards: int,
-                 shard_index: int):
+    def __init__(self, spec: SyntheticData, state: DataState, shard: DataShard):
         self.spec = spec
         if state and state.get("seed", spec.seed) != spec.seed:
             raise ValueError(f"data state was saved with seed={state['seed']} but this run has "
                              f"seed={spec.seed}; resume with the same seed.")
+        if spec.batch_size % shard.count:
+            raise ValueError(f"SyntheticData.batch_size={spec.batch_size} does not split over "
+                             f"{shard.count} processes.")
         self.batch_index = int(state.get("batch_index", 0))
-        self.num_shards, self.shard_index = num_shards, shard_index
+        self.shard = shard
+        self.converter = FeatureConverter(spec.features, row_multiple=shard.row_multiple)
         rng = np.random.default_rng([spec.seed, 99])
         self.topics = rng.integers(3, spec.vocab_size, size=(spec.num_topics, 8))
 
@@ -63,91 +141,70 @@ class SyntheticIterator:
     def __iter__(self):
         return self
 
-    def _text(self, rng, topic, length):
-        used = int(rng.integers(length // 2, length + 1))
+    def _text(self, rng, topic, max_length) -> np.ndarray:
+        """Text ids (no special tokens) of max_length // 2 .. max_length tokens."""
+        length = int(rng.integers(max_length // 2, max_length + 1))
         ids = rng.integers(3, self.spec.vocab_size, size=length)
         picks = rng.integers(0, self.topics.shape[1], size=length)
-        ids = np.where(rng.random(length) < 0.6, self.topics[topic][picks], ids)
-        ids[0] = 2
-        tokens = np.where(np.arange(length) < used, ids, 0).astype(np.int32)
-        return tokens
+        return np.where(rng.random(length) < 0.6, self.topics[topic][picks], ids).astype(np.int32)
 
     def __next__(self) -> dict[str, np.ndarray]:
-        spec = self.spec
+        spec, features = self.spec, self.spec.features
         rng = np.random.default_rng([spec.seed, self.batch_index])
         self.batch_index += 1
         b, k = spec.batch_size, spec.num_negatives
+        query_room = features.query_length - features.num_special_tokens
+        document_room = features.document_length - features.num_special_tokens
+        # The whole global batch is drawn on every process (it is cheap), then each keeps its
+        # rows: the batch does not depend on the process count.
         topics = rng.integers(0, spec.num_topics, size=b)
-        queries = np.stack([self._text(rng, t, spec.query_length) for t in topics])
-        positives = np.stack([self._text(rng, t, spec.document_length) for t in topics])
-        negatives = np.stack([self._text(rng, int(rng.integers(0, spec.num_topics)),
-                                         spec.document_length)
-                              for _ in range(b * k)]) if k else np.zeros((0, spec.document_length), np.int32)
-        features: dict[str, np.ndarray] = {}
-        for role, tokens in (("query", queries), ("positive", positives), ("negatives", negatives)):
-            segments = (tokens != 0).astype(np.int32)
-            features[f"{role}_tokens"] = tokens
-            features[f"{role}_segment_ids"] = segments
-            features[f"{role}_positions"] = (np.cumsum(segments, axis=1) - 1).clip(0).astype(np.int32) * segments
-            features[f"{role}_segment_mask"] = np.ones((tokens.shape[0], 1), bool)
-        features["query_slot"] = np.arange(b, dtype=np.int32)
-        features["positive_slot"] = np.arange(b, dtype=np.int32)
-        features["negative_slot"] = np.arange(b * k, dtype=np.int32).reshape(b, k)
-        features["negative_mask"] = np.ones((b, k), bool)
-        features["query_hash"] = _hash_rows(queries)
-        features["positive_hash"] = _hash_rows(positives)
-        features["negative_hash"] = _hash_rows(negatives).reshape(b, k)
-        if self.num_shards > 1:
-            per = b // self.num_shards
-            lo = self.shard_index * per
-            features = _take_rows(features, lo, lo + per, k)
-        return features
+        queries = [self._text(rng, t, query_room) for t in topics]
+        positives = [self._text(rng, t, document_room) for t in topics]
+        negatives = [self._text(rng, int(rng.integers(0, spec.num_topics)), document_room)
+                     for _ in range(b * k)]
+        per = b // self.shard.count
+        lo, hi = self.shard.index * per, (self.shard.index + 1) * per
+        batch = TokenBatch(RoleTokens.from_lists(queries[lo:hi]),
+                           RoleTokens.from_lists(positives[lo:hi]),
+                           RoleTokens.from_lists(negatives[lo * k:hi * k]),
+                           np.full(per, k, np.int32), task="synthetic")
+        plan = self.converter.plan(batch)
+        layout = agree_across_processes(plan.layout) if self.shard.count > 1 else None
+        return self.converter.convert(plan, layout)
 
 
-def _hash_rows(tokens: np.ndarray) -> np.ndarray:
-    if tokens.shape[0] == 0:
-        return np.zeros((0,), np.int32)
-    weights = np.arange(1, tokens.shape[1] + 1, dtype=np.int64) * 1_000_003
-    return ((tokens.astype(np.int64) * weights).sum(axis=1) % (2**31 - 1)).astype(np.int32)
-
-
-def _take_rows(features, lo, hi, k):
-    out = {}
-    for key, value in features.items():
-        if key.startswith("negatives_"):
-            out[key] = value[lo * k:hi * k]
-        else:
-            out[key] = value[lo:hi]
-    out["query_slot"] = out["query_slot"] - lo
-    out["positive_slot"] = out["positive_slot"] - lo
-    out["negative_slot"] = out["negative_slot"] - lo * k
-    return out
+# -------------------------------------------------------------------------------- seqio data
 
 
 @dataclasses.dataclass
-class SeqioData:
+class SeqioData(TrainingData):
     """The gemb.data pipeline: a mixture of seqio tasks in task-homogeneous batches.
 
     Attributes:
-      batch_size: global batch size (each host builds batch_size / hosts examples).
+      batch_size: global batch size (each process builds batch_size / processes examples).
       vocabulary_dir: a model folder holding tokenizer.model (or a tokenizer file path).
       mixture: a mixture name of gemb.data.mixtures (or your own with rates).
       rates: {task: rate}; None uses the mixture's default rates.
-      query_length, document_length, pack, num_negatives: the feature converter's settings.
       split: the split to train on.
       seed: the data seed (task choice and example order).
+      features: the feature converter's settings (lengths, packing, K); gin:
+        `SeqioData.features = @FeatureConverterConfig()`.
+      quality: what the tasks do with bad records.
+      templates: per-task prompt overrides, {task name: PromptTemplate or {field: value}}.
+      prefetch: tf.data batches prepared ahead per task.
     """
 
     batch_size: int = 32
     vocabulary_dir: Any = None
     mixture: str = "gemb_quickstart"
     rates: Optional[Mapping[str, float]] = None
-    query_length: int = 128
-    document_length: int = 512
-    pack: bool = False
-    num_negatives: Optional[int] = None
     split: str = "train"
     seed: int = 0
+    features: FeatureConverterConfig = FeatureConverterConfig(query_length=128,
+                                                               document_length=512)
+    quality: QualityPolicy = QualityPolicy()
+    templates: Optional[Mapping[str, Any]] = None
+    prefetch: int = 2
 
     def vocabulary(self):
         from gemb.data import vocab
@@ -168,17 +225,16 @@ class SeqioData:
             return vocab.TokenizerJsonVocabulary(path)
         return vocab.gemma3_vocabulary(path)
 
-    def make(self, state: Optional[Mapping[str, int]] = None, num_shards: int = 1,
-             shard_index: int = 0, row_multiple: int = 1):
+    def make(self, state: Optional[DataState] = None, shard: DataShard = DataShard()):
         import seqio
 
-        from gemb.data import batching, feature_converter, mixtures
+        from gemb.data import batching, mixtures
 
-        mixture = mixtures.build_mixture(self.vocabulary(), name=self.mixture, rates=self.rates)
-        converter = feature_converter.FeatureConverter(feature_converter.FeatureConverterConfig(
-            query_length=self.query_length, document_length=self.document_length, pack=self.pack,
-            num_negatives=self.num_negatives, row_multiple=row_multiple))
+        mixture = mixtures.build_mixture(self.vocabulary(), name=self.mixture, rates=self.rates,
+                                         policy=self.quality, template_overrides=self.templates)
         return batching.TaskHomogeneousBatcher(
-            mixture, batch_size=self.batch_size, converter=converter, split=self.split,
-            seed=self.seed, shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
-            state=dict(state or {}) or None)
+            mixture, batch_size=self.batch_size,
+            converter=FeatureConverter(self.features, row_multiple=shard.row_multiple),
+            split=self.split, seed=self.seed,
+            shard_info=seqio.ShardInfo(index=shard.index, num_shards=shard.count),
+            state=dict(state or {}) or None, prefetch=self.prefetch)

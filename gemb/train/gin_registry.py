@@ -1,9 +1,11 @@
-"""Everything gin files may name, registered in one place (models stay gin-free).
+"""Everything gin files may name, registered here and nowhere else.
 
-Top-level objects only (DESIGN.md convention 4): the run (`train`), the model
-(`encoder_config`), the data (`SeqioData`, `SyntheticData`, plus gemb.data's own configurables),
-the partitioner (`partitioner`), the optimiser, loss, step and checkpoint configs, the eval hook
-and its evaluators, and `converted_model` (a model folder converted on first use).
+gin reaches the library only through the top-level objects it builds here (docs/design.md,
+convention 4): the run (`train`), the model (`encoder_config`), the data (`SeqioData`,
+`SyntheticData` with their `FeatureConverterConfig`, `QualityPolicy` and `PromptTemplate`),
+the mesh (`partitioner`), the optimiser, loss, step and checkpoint configs, the evaluation hook
+(`EvalHook`), and `converted_model` (a model folder converted on first use). Library modules
+import no gin; their knobs are fields of these objects.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from typing import Mapping, Optional, Sequence
 import gin
 
 from gemb import paths
+from gemb.data.feature_converter import FeatureConverterConfig
+from gemb.data.quality import QualityPolicy
+from gemb.data.templates import PromptTemplate
+from gemb.eval.hook import EvalHook
 from gemb.losses import ContrastiveLossConfig
 from gemb.models import config as model_config
-from gemb.train import checkpointing, data, metrics_writer, optimizers, trainer
-from gemb.train import main as train_main  # noqa: F401  (registers `train`)
+from gemb.train import checkpointing, data, optimizers, run, trainer
 
 log = logging.getLogger(__name__)
 
@@ -67,36 +72,26 @@ def converted_model(name: str = "gemma3-270m", folder: Optional[str] = None) -> 
     return str(out)
 
 
-def docstring_code_retrieval(num_queries: int = 200, split: str = "test", seed: int = 0,
-                             k_values: Sequence[int] = (1, 10)):
-    """Evaluator: docstring -> code retrieval on held-out modules (see gemb.train.quickstart)."""
-    from gemb.train import quickstart
-
-    return quickstart.DocstringCodeRetrieval(num_queries=num_queries, split=split, seed=seed,
-                                             k_values=tuple(k_values))
-
-
 _REGISTERED = False
 
 
 def register() -> None:
-    """Registers the configurables (idempotent); gemb.data's are added when importable."""
+    """Registers the configurables (idempotent)."""
     global _REGISTERED
     if _REGISTERED:
         return
     _REGISTERED = True
+    gin.external_configurable(run.train, "train", denylist=["gin_config_text"])
     gin.external_configurable(encoder_config, "encoder_config")
     gin.external_configurable(partitioner, "partitioner")
     gin.external_configurable(converted_model, "converted_model")
-    gin.external_configurable(docstring_code_retrieval, "docstring_code_retrieval")
     gin.external_configurable(optimizers.OptimizerConfig, "OptimizerConfig")
     gin.external_configurable(ContrastiveLossConfig, "ContrastiveLossConfig")
     gin.external_configurable(trainer.StepConfig, "StepConfig")
     gin.external_configurable(checkpointing.CheckpointConfig, "CheckpointConfig")
-    gin.external_configurable(metrics_writer.EvalHook, "EvalHook")
+    gin.external_configurable(EvalHook, "EvalHook")
     gin.external_configurable(data.SyntheticData, "SyntheticData")
     gin.external_configurable(data.SeqioData, "SeqioData")
-    try:  # gemb.data needs TensorFlow and seqio; accelerator hosts may lack them.
-        from gemb.data import batching, feature_converter, mixtures, quality, tasks, templates  # noqa: F401
-    except ImportError as error:
-        log.info("gemb.data configurables not registered (%s)", error)
+    gin.external_configurable(FeatureConverterConfig, "FeatureConverterConfig")
+    gin.external_configurable(QualityPolicy, "QualityPolicy")
+    gin.external_configurable(PromptTemplate, "PromptTemplate")

@@ -1,7 +1,7 @@
-"""Console lines and TensorBoard event files for a run, and the eval hook.
+"""Console lines, the metrics file and TensorBoard event files of a run (its one writer).
 
 TensorBoard events are written with tensorboard's own record format and protos, so logging
-needs neither TensorFlow nor torch (DESIGN.md convention 10).
+needs neither TensorFlow nor torch (docs/design.md, convention 10).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -162,43 +162,3 @@ class ConsoleLogger:
                       f"{rates['tokens_per_second']:.0f} tokens/s  ETA {format_duration(eta)}")
         self._last_time, self._last_step, self._tokens = now, step, 0
         return rates
-
-
-# ------------------------------------------------------------------------------- eval hook
-
-# An evaluator takes (step, encode) and returns {metric: value}. `encode(texts, role)` embeds
-# with the CURRENT params (role 'query' or 'document'), as gemb.eval's evaluators expect.
-Evaluator = Callable[[int, Callable], Mapping[str, float]]
-
-
-@dataclasses.dataclass
-class EvalHook:
-    """Runs registered evaluators every `every` steps (and at the end, with at_end)."""
-
-    evaluators: Mapping[str, Evaluator] = dataclasses.field(default_factory=dict)
-    every: int = 0
-    at_start: bool = False
-    at_end: bool = True
-
-    def due(self, step: int, total_steps: int) -> bool:
-        if not self.evaluators:
-            return False
-        return bool((self.every and step % self.every == 0) or (self.at_end and step == total_steps))
-
-    def run(self, step: int, encode: Callable) -> dict[str, float]:
-        results: dict[str, float] = {}
-        for name, evaluator in self.evaluators.items():
-            start = time.time()
-            for key, value in dict(evaluator(step, encode)).items():
-                if isinstance(value, (int, float, np.floating, np.integer)):
-                    results[f"{name}/{key}"] = float(value)
-            log.info("eval %s at step %d took %.1f s", name, step, time.time() - start)
-        return results
-
-
-def format_results(results: Mapping[str, float], keys: Sequence[str] | None = None) -> str:
-    keys = keys or sorted(results)
-    return "  ".join(f"{k} {results[k]:.4f}" for k in keys if k in results)
-
-
-Scalars = Mapping[str, Any]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import optax
 from flax import traverse_util
@@ -96,9 +96,23 @@ def decay_mask(params: PyTree, no_decay_patterns: Sequence[str]) -> PyTree:
     })
 
 
-def make_optimizer(config: OptimizerConfig, total_steps: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(the optax transformation for the TRAINABLE params, the learning-rate schedule)."""
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """What a train step needs of the update rule.
+
+    Attributes:
+      tx: the optax transformation of the TRAINABLE params (frozen ones are split off first).
+      schedule: the learning rate by step (logged).
+      freeze_patterns: the regexes of the frozen params (OptimizerConfig.freeze_patterns).
+    """
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    freeze_patterns: tuple[str, ...] = ()
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> Optimizer:
+    """AdamW with the config's schedule, decay mask and clipping, for a run of total_steps."""
     schedule = learning_rate_schedule(config, total_steps)
     parts = []
     if config.clip_norm:
@@ -106,7 +120,7 @@ def make_optimizer(config: OptimizerConfig, total_steps: int
     parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                              weight_decay=config.weight_decay,
                              mask=lambda p: decay_mask(p, config.no_decay_patterns)))
-    return optax.chain(*parts), schedule
+    return Optimizer(optax.chain(*parts), schedule, config.freeze_patterns)
 
 
 # ---------------------------------------------------------------------- trainable / frozen split
@@ -151,5 +165,3 @@ def count_params(tree: PyTree) -> int:
 
     return sum(math.prod(getattr(v, "shape", ())) for v in traverse_util.flatten_dict(tree).values())
 
-
-Factory = Callable[..., Any]

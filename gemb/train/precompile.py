@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 def _set_device_count(num_devices: int) -> None:
@@ -32,64 +32,63 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:9.3f} GiB ({n / 2**20:,.1f} MiB)"
 
 
-def precompile(num_devices: int, batch_size: int, query_length: int, document_length: int,
-               num_negatives: int = 0, print_fn=print) -> dict[str, float]:
-    """Compiles the gin-configured train step; returns the per-device memory in bytes."""
+def precompile(num_devices: int, batch_size: Optional[int] = None,
+               query_length: Optional[int] = None, document_length: Optional[int] = None,
+               num_negatives: Optional[int] = None, print_fn=print) -> dict[str, float]:
+    """Compiles the gin-configured train step; returns the per-device memory in bytes.
+
+    The model, optimiser, step and mesh are what `gemb train` would build from the same gin
+    files (train(dry_run=True), on the first num_devices devices). The batch is the run's own
+    data config (train.data) at its longest rows, with the given sizes replacing its own; a
+    run file without train.data gets synthetic data of the given sizes.
+    """
+    import dataclasses
+    import tempfile
+
     import gin
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from gemb.losses import ContrastiveLossConfig
-    from gemb.partitioning import mesh as mesh_lib
-    from gemb.partitioning.partitioner import Partitioner
-    from gemb.train import main as main_lib
-    from gemb.train import optimizers, trainer
-    from gemb.train.state import StateLayout
+    from gemb.data.feature_converter import FeatureConverterConfig, full_length_features
+    from gemb.train import data as data_lib
+    from gemb.train import trainer as trainer_lib
 
-    devices = jax.devices()
-    if len(devices) < num_devices:
-        raise ValueError(f"precompile needs {num_devices} devices but jax sees {len(devices)}; "
-                         "jax was started before XLA_FLAGS could be set. Run `gemb precompile` "
-                         "in a fresh process.")
-    devices = devices[:num_devices]
-    bound = _train_bindings()
-    encoder = bound["encoder"]
-    loss = bound.get("loss", ContrastiveLossConfig())
-    optimizer = bound.get("optimizer", optimizers.OptimizerConfig())
-    step_config = bound.get("step", trainer.StepConfig())
-    parallelism = _partitioner_bindings()
-    mesh = mesh_lib.create_mesh(parallelism.get("ici_parallelism", (-1, 1, 1)),
-                                parallelism.get("dcn_parallelism", (1, 1, 1)), devices=devices)
-    partitioner = Partitioner(mesh)
-    partitioner.check_batch_size(batch_size, "--batch_size (the global batch)")
-    tx, schedule = optimizers.make_optimizer(optimizer, 1000)
-    layout = StateLayout(encoder, loss, tx, optimizer.freeze_patterns, partitioner)
-    train_step = trainer.make_train_step(encoder, loss, tx, schedule, optimizer.freeze_patterns,
-                                         step_config)
-
-    def spec(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=partitioner.batch_sharding(len(shape)))
-
-    batch = {}
-    for role, length in (("query", query_length), ("positive", document_length)):
-        for name in ("tokens", "segment_ids", "positions"):
-            batch[f"{role}_{name}"] = spec((batch_size, length), jnp.int32)
-    if num_negatives:
-        for name in ("tokens", "segment_ids", "positions"):
-            batch[f"negatives_{name}"] = spec((batch_size, num_negatives, document_length), jnp.int32)
-        batch["negative_mask"] = spec((batch_size, num_negatives), jnp.bool_)
-        batch["negative_hash"] = spec((batch_size, num_negatives), jnp.int32)
-    batch["query_hash"] = spec((batch_size,), jnp.int32)
-    batch["positive_hash"] = spec((batch_size,), jnp.int32)
-
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    jitted = jax.jit(train_step, in_shardings=(layout.shardings,
-                                               jax.tree.map(lambda s: s.sharding, batch)),
-                     out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
-    with partitioner.activation_context():
-        compiled = jitted.lower(layout.abstract, batch).compile()
+    if jax.device_count() != num_devices:
+        raise ValueError(f"precompile needs {num_devices} devices but jax sees "
+                         f"{jax.device_count()}; jax was started before XLA_FLAGS could be set. "
+                         "Run `gemb precompile` in a fresh process.")
+    train = gin.get_configurable("train")
+    overrides: dict = {"dry_run": True}
+    if not _is_bound("train.model_dir"):
+        overrides["model_dir"] = tempfile.gettempdir()  # a dry run writes nothing
+    if not _is_bound("train.num_steps"):
+        overrides["num_steps"] = 1000  # only the schedule's shape depends on it
+    if not _is_bound("train.data"):
+        overrides["data"] = data_lib.SyntheticData(
+            batch_size=batch_size or 64, num_negatives=num_negatives or 0,
+            features=FeatureConverterConfig(query_length=query_length or 128,
+                                            document_length=document_length or 256,
+                                            length_buckets=()))
+    built = train(**overrides)
+    data = built["data"]
+    features = dataclasses.replace(
+        data.features, **{k: v for k, v in (("query_length", query_length),
+                                            ("document_length", document_length),
+                                            ("num_negatives", num_negatives)) if v is not None})
+    batch_size = batch_size or data.batch_size
+    k = features.num_negatives if features.num_negatives is not None else getattr(
+        data, "num_negatives", 0)
+    run_trainer = built["trainer"]
+    partitioner = run_trainer.partitioner
+    trainer_lib.check_batch_size(batch_size, run_trainer.step_config, partitioner,
+                                 packed=features.pack, what="--batch_size")
+    host_batch = full_length_features(features, batch_size, k)
+    batch_spec = {name: jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                             sharding=partitioner.batch_sharding(value.ndim))
+                  for name, value in host_batch.items()}
+    compiled = run_trainer.lower_train_step(batch_spec).compile()
     analysis = compiled.memory_analysis()
+    layout = run_trainer.layout
     state_bytes = sum(
         int(np.prod(leaf.shape)) * leaf.dtype.itemsize
         // _shards(leaf.sharding, leaf.shape)
@@ -104,10 +103,12 @@ def precompile(num_devices: int, batch_size: int, query_length: int, document_le
     }
     result["peak_estimate"] = (result["arguments"] + result["outputs"] + result["temporaries"]
                                - result["aliased"])
-    tokens = batch_size * (query_length + document_length * (1 + num_negatives))
+    encoder = run_trainer.model.encoder_config
+    step_config = run_trainer.step_config
+    tokens = sum(int(np.prod(v.shape)) for name, v in host_batch.items() if name.endswith("_tokens"))
     print_fn(f"{encoder.transformer.name}: {layout.num_params:,} params "
-             f"({layout.num_trainable:,} trainable), mesh {dict(mesh.shape)} on {num_devices} "
-             f"fake CPU devices, global batch {batch_size} ({tokens:,} tokens), "
+             f"({layout.num_trainable:,} trainable), mesh {dict(partitioner.mesh.shape)} on "
+             f"{num_devices} fake CPU devices, global batch {batch_size} ({tokens:,} tokens), "
              f"compute {encoder.transformer.dtype}, remat {encoder.transformer.remat_policy}, "
              f"gradient cache chunk {step_config.gradient_cache_chunk}")
     print_fn("per-device memory (compiled.memory_analysis()):")
@@ -123,49 +124,14 @@ def _shards(sharding, shape) -> int:
     return max(1, math.prod(shape) // max(1, math.prod(shard_shape))) if shape else 1
 
 
-def _train_bindings() -> dict:
-    """The objects gin binds to train(...) (model, loss, optimiser, step)."""
+def _is_bound(parameter: str) -> bool:
     import gin
 
-    out = {}
-    for name in ("encoder", "loss", "optimizer", "step"):
-        try:
-            value = gin.query_parameter(f"train.{name}")
-        except ValueError:
-            continue
-        out[name] = _resolve(value)
-    if "encoder" not in out:
-        raise ValueError("no model: pass a model gin file (e.g. --gin_file=gin/models/gemma3_1b.gin)"
-                         " that binds train.encoder.")
-    return out
-
-
-def _partitioner_bindings() -> dict:
-    import gin
-
-    out = {}
-    for name in ("ici_parallelism", "dcn_parallelism"):
-        try:
-            out[name] = _resolve(gin.query_parameter(f"partitioner.{name}"))
-        except ValueError:
-            pass
-    return out
-
-
-def _resolve(value):
-    """Evaluates gin macros and configurable references (@name()) to Python objects."""
-    import gin
-
-    if isinstance(value, gin.config.ConfigurableReference):
-        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
-    if isinstance(value, gin.config.MacroReference if hasattr(gin.config, "MacroReference")
-                  else ()):
-        return _resolve(gin.query_parameter(f"{value.name}/macro.value"))
-    if isinstance(value, dict):
-        return {k: _resolve(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_resolve(v) for v in value)
-    return value
+    try:
+        gin.query_parameter(parameter)
+    except ValueError:
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,10 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gin_file", action="append", default=[])
     parser.add_argument("--gin_search_path", action="append", default=[])
     parser.add_argument("--num_devices", type=int, default=8)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--query_length", type=int, default=128)
-    parser.add_argument("--document_length", type=int, default=256)
-    parser.add_argument("--num_negatives", type=int, default=0)
+    # Each defaults to the run's data config (train.data), else 64 / 128 / 256 / 0.
+    parser.add_argument("--batch_size", type=int, default=None)
+    parser.add_argument("--query_length", type=int, default=None)
+    parser.add_argument("--document_length", type=int, default=None)
+    parser.add_argument("--num_negatives", type=int, default=None)
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     bindings = []
     for item in rest:

@@ -13,14 +13,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
-from gemb.losses import ContrastiveLossConfig, initial_log_temperature
-from gemb.models import encoder as encoder_lib
-from gemb.models.config import EncoderConfig
 from gemb.partitioning.partitioner import Partitioner
 from gemb.train import optimizers
+from gemb.train.model import EmbeddingModel
 
 PyTree = Any
 
@@ -43,44 +40,18 @@ class TrainState:
                    rng=tree["rng"])
 
 
-def boxed_encoder_params(encoder_config: EncoderConfig) -> PyTree:
-    """Abstract encoder params with their logical axis names (no memory)."""
-    model = encoder_lib.Encoder(encoder_config)
-    tokens = jnp.zeros((1, 4), jnp.int32)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
-
-
-def boxed_params(encoder_config: EncoderConfig, loss_config: ContrastiveLossConfig) -> PyTree:
-    params = {"encoder": boxed_encoder_params(encoder_config)}
-    if loss_config.learnable_temperature:
-        params["log_temperature"] = jax.ShapeDtypeStruct((), jnp.float32)
-    return params
-
-
-def init_params(encoder_config: EncoderConfig, loss_config: ContrastiveLossConfig,
-                seed: int) -> PyTree:
-    """Random params (unboxed); fine for TINY models and for testing, jit-able."""
-    model = encoder_lib.Encoder(encoder_config)
-    params = {"encoder": nn.unbox(model.init(jax.random.key(seed),
-                                             jnp.zeros((1, 4), jnp.int32))["params"])}
-    if loss_config.learnable_temperature:
-        params["log_temperature"] = initial_log_temperature(loss_config)
-    return params
-
-
 class StateLayout:
     """Shapes and shardings of the train state for one model, optimiser and mesh."""
 
-    def __init__(self, encoder_config: EncoderConfig, loss_config: ContrastiveLossConfig,
-                 tx, freeze_patterns, partitioner: Partitioner):
-        self.tx = tx
-        self.freeze_patterns = tuple(freeze_patterns)
+    def __init__(self, model: EmbeddingModel, optimizer: optimizers.Optimizer,
+                 partitioner: Partitioner):
+        self.model = model
+        self.tx = optimizer.tx
+        self.freeze_patterns = tuple(optimizer.freeze_patterns)
         self.partitioner = partitioner
-        boxed = boxed_params(encoder_config, loss_config)
+        boxed = model.boxed_params()
         self.param_shardings = nn.unbox(partitioner.param_shardings(boxed))
-        self.abstract_params = jax.tree.map(
-            lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-            nn.unbox(boxed), self.param_shardings)
+        self.abstract_params = partitioner.abstract_params(boxed)
         optimizers.check_freeze_patterns(self.abstract_params, self.freeze_patterns)
         trainable, _ = optimizers.split_trainable(self.abstract_params, self.freeze_patterns)
         trainable_shardings, _ = optimizers.split_trainable(self.param_shardings,
@@ -88,7 +59,7 @@ class StateLayout:
         self.num_params = optimizers.count_params(self.abstract_params)
         self.num_trainable = optimizers.count_params(trainable)
         # Optimiser leaves follow the shape of the params they belong to; scalars replicate.
-        abstract_opt = jax.eval_shape(tx.init, trainable)
+        abstract_opt = jax.eval_shape(self.tx.init, trainable)
         self.opt_shardings = _match_param_shardings(abstract_opt, trainable, trainable_shardings,
                                                     partitioner)
         replicated = jax.sharding.NamedSharding(partitioner.mesh, jax.sharding.PartitionSpec())
@@ -111,11 +82,9 @@ class StateLayout:
         return jax.jit(build, in_shardings=(self.param_shardings,),
                        out_shardings=self.shardings)(params)
 
-    def random_params(self, encoder_config: EncoderConfig, loss_config: ContrastiveLossConfig,
-                      seed: int) -> PyTree:
+    def random_params(self, seed: int) -> PyTree:
         """Random params created directly in their sharded placement."""
-        return jax.jit(lambda: init_params(encoder_config, loss_config, seed),
-                       out_shardings=self.param_shardings)()
+        return jax.jit(lambda: self.model.init_params(seed), out_shardings=self.param_shardings)()
 
 
 def _match_param_shardings(abstract_opt, trainable, trainable_shardings, partitioner):
@@ -141,6 +110,3 @@ def _match_param_shardings(abstract_opt, trainable, trainable_shardings, partiti
 
     return jax.tree_util.tree_map_with_path(one, abstract_opt)
 
-
-def host_numpy(tree: PyTree) -> PyTree:
-    return jax.tree.map(np.asarray, tree)

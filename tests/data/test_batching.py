@@ -132,7 +132,7 @@ def test_epoch_order_is_a_partition():
 
 def test_layout_agreement_is_the_identity_on_one_process():
     layout = {"query_rows": 3, "query_length": 64}
-    assert batching.agree_across_processes(dict(layout)) == layout
+    assert fc.agree_across_processes(dict(layout)) == layout
 
 
 def test_prepare_reads_every_source_without_moving_the_state(three_tasks):

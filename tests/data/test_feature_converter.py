@@ -59,16 +59,18 @@ def test_packed_batches_hold_exactly_the_examples_of_padded_ones(eos):
 
 
 def test_feature_names_shapes_and_dtypes():
+    """Padded: example-major, every feature led by the batch, negatives [B, K, L], no slots."""
     batch = _random_batch(batch_size=8, k=2)
     features = FeatureConverter(FeatureConverterConfig(query_length=32, document_length=64, min_length=8)).convert(batch)
-    for role, rows in (("query", 8), ("positive", 8), ("negatives", 16)):
-        length = features[f"{role}_tokens"].shape[1]
+    for role, leading in (("query", (8,)), ("positive", (8,)), ("negatives", (8, 2))):
+        length = features[f"{role}_tokens"].shape[-1]
         assert length in (8, 16, 32, 64)
-        assert features[f"{role}_tokens"].shape == (rows, length) and features[f"{role}_tokens"].dtype == np.int32
-        assert features[f"{role}_segment_ids"].shape == (rows, length)
+        shape = leading + (length,)
+        assert features[f"{role}_tokens"].shape == shape and features[f"{role}_tokens"].dtype == np.int32
+        assert features[f"{role}_segment_ids"].shape == shape
         assert features[f"{role}_positions"].dtype == np.int32
-        assert features[f"{role}_segment_mask"].shape == (rows, 1)
-    assert features["query_slot"].shape == (8,) and features["negative_slot"].shape == (8, 2)
+        assert f"{role}_segment_mask" not in features
+    assert not any(key.endswith("_slot") for key in features) and not fc.is_packed(features)
     assert features["negative_mask"].dtype == bool and features["query_hash"].dtype == np.int32
     np.testing.assert_array_equal(features["negative_mask"].sum(1), batch.num_negatives)
     assert (features["negative_hash"][~features["negative_mask"]] == 0).all()
@@ -102,8 +104,8 @@ def test_hashes_follow_token_ids():
     assert q[0] == q[1] and len({q[0], q[2], q[3]}) == 3
     p = features["positive_hash"]
     assert p[0] == p[1] != p[2]
-    # Pair tasks (K = 0): an empty negatives block, nothing to encode.
-    assert features["negatives_tokens"].shape[0] == 0 and features["negative_mask"].shape == (4, 0)
+    # Pair tasks (K = 0): no negatives features at all, nothing to encode.
+    assert not any(key.startswith("negative") for key in features)
 
 
 def test_long_texts_are_cut_to_the_role_length():
@@ -126,7 +128,7 @@ def test_fixed_num_negatives_pads_every_task_to_k():
 def test_an_agreed_larger_layout_only_adds_padding():
     batch = _random_batch(seed=5)
     converter = FeatureConverter(FeatureConverterConfig(query_length=64, document_length=64, pack=True, min_length=8))
-    own = converter.plan(batch)
+    own = converter.plan(batch).layout
     bigger = {k: v * 2 if k.endswith(("_rows", "_length")) else v for k, v in own.items()}
     features = converter.convert(batch, bigger)
     assert features["query_tokens"].shape == (bigger["query_rows"], bigger["query_length"])
@@ -148,7 +150,7 @@ def test_length_buckets():
     cfg = FeatureConverterConfig(query_length=100, min_length=16)
     assert cfg.buckets("query") == (16, 32, 64, 100)
     assert FeatureConverterConfig(length_buckets=(256, 64)).buckets("positive") == (64, 256, 512)
-    assert cfg.task_feature_lengths() == {"query": 99, "positive": 511, "negatives": [None, 511]}
+    assert FeatureConverterConfig(query_length=100, length_buckets=()).buckets("query") == (100,)
 
 
 def _first_fit_decreasing(lengths, capacity, segments):
@@ -187,38 +189,29 @@ def test_vectorised_packing_is_first_fit_decreasing(seed):
 
 
 @pytest.mark.slow
-def test_packed_and_padded_features_give_the_encoder_the_same_embeddings():
-    """End to end with the model: the slots pick each example's embedding, packed or not."""
+def test_packed_and_padded_features_give_the_model_the_same_embeddings():
+    """End to end through the model seam: EmbeddingModel.embed_fn reads either layout and gives
+    every example the same embedding (the slots pick each example's (row, segment))."""
     jax = pytest.importorskip("jax")
-    encoder_module = pytest.importorskip("gemb.models.encoder")
-    from gemb.models.config import TINY_ENCODER
+    from gemb.models.config import TINY_ENCODER, AttentionType
+    from gemb.train.model import EmbeddingModel
 
     batch = _random_batch(batch_size=10, k=2, seed=7, max_len=30)
     common = dict(query_length=64, document_length=64, min_length=8)
     padded = FeatureConverter(FeatureConverterConfig(**common)).convert(batch)
     packed = FeatureConverter(FeatureConverterConfig(pack=True, segments_per_row=4, **common)).convert(batch)
-    from gemb.models.config import AttentionType
-
+    assert packed["query_tokens"].shape[0] < 10  # several examples share a row
     # Two layers, one sliding-window and one global: every attention kind packing could break.
     transformer = TINY_ENCODER.transformer.replace(
         num_layers=2, attention_pattern=(AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL))
-    config = TINY_ENCODER.replace(transformer=transformer)
-    model = encoder_module.Encoder(config)
-    params = model.init(jax.random.PRNGKey(0), padded["query_tokens"], padded["query_segment_ids"],
-                        padded["query_positions"], num_segments=1)
-
-    apply = jax.jit(lambda p, t, s, q, n: model.apply(p, t, s, q, num_segments=n)["projected"], static_argnums=4)
-
-    def embed(features, role, slot_key):
-        segments = features[f"{role}_segment_mask"].shape[1]
-        out = apply(params, features[f"{role}_tokens"], features[f"{role}_segment_ids"],
-                    features[f"{role}_positions"], segments)
-        return np.asarray(out.reshape(-1, out.shape[-1])[features[slot_key].reshape(-1)])
-
-    mask = padded["negative_mask"].reshape(-1)
-    for role, slot_key in (("query", "query_slot"), ("positive", "positive_slot"), ("negatives", "negative_slot")):
-        a, b = embed(padded, role, slot_key), embed(packed, role, slot_key)
+    model = EmbeddingModel(TINY_ENCODER.replace(transformer=transformer))
+    params = model.init_params(0)
+    embed = jax.jit(model.embed_fn)
+    a, b = embed(params, padded), embed(params, packed)
+    mask = padded["negative_mask"]
+    for role in ("query", "positive", "negatives"):
+        x, y = np.asarray(a[role]), np.asarray(b[role])
         if role == "negatives":
-            a, b = a[mask], b[mask]
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
-        assert np.abs(a[0] - a[1]).max() > 1e-3  # different examples, different embeddings
+            x, y = x[mask], y[mask]
+        np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4)
+        assert np.abs(x[0] - x[1]).max() > 1e-3  # different examples, different embeddings

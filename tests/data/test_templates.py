@@ -43,29 +43,44 @@ def test_unknown_fields_are_rejected():
         templates.default_template("astrology")
 
 
-def test_gin_overrides_per_task():
+def test_overrides_per_task():
     default = templates.default_template("search")
     assert templates.resolve_template("my_task", default) is default
-    with gin.unlock_config():
-        gin.parse_config(
-            "templates.template_overrides.overrides = {"
-            "'my_task': {'task_description': 'web search', 'empty_title': '-'}}"
-        )
-    try:
-        changed = templates.resolve_template("my_task", default)
-        assert changed.query("q") == "task: web search | query: q"
-        assert changed.document("d") == "title: - | text: d"
-        assert templates.resolve_template("other_task", default) is default
-    finally:
-        gin.clear_config()
-    assert templates.resolve_template("my_task", default) is default
+    overrides = {"my_task": {"task_description": "web search", "empty_title": "-"}}
+    changed = templates.resolve_template("my_task", default, overrides)
+    assert changed.query("q") == "task: web search | query: q"
+    assert changed.document("d") == "title: - | text: d"
+    assert templates.resolve_template("other_task", default, overrides) is default
+    whole = templates.PromptTemplate("x", query_format="{text}")
+    assert templates.resolve_template("my_task", default, {"my_task": whole}) is whole
 
 
 def test_bad_override_names_the_fields():
+    with pytest.raises(ValueError, match="PromptTemplate does not have"):
+        templates.resolve_template("t", templates.default_template("search"),
+                                   {"t": {"prompt": "x"}})
+
+
+def test_gin_overrides_reach_the_registered_task(byte_vocab):
+    """gin binds SeqioData.templates; the run's tasks are registered with them resolved."""
+    import seqio
+
+    from gemb.data import mixtures, tasks
+    from gemb.train import gin_registry
+
+    gin_registry.register()
     with gin.unlock_config():
-        gin.parse_config("templates.template_overrides.overrides = {'t': {'prompt': 'x'}}")
+        gin.parse_config("SeqioData.templates = {'gemb_docstring_code': "
+                         "{'document_format': 'code: {text}'}}")
     try:
-        with pytest.raises(ValueError, match="PromptTemplate does not have"):
-            templates.resolve_template("t", templates.default_template("search"))
+        data = gin.get_configurable("SeqioData")()
     finally:
         gin.clear_config()
+    mixtures.build_mixture(byte_vocab, name="gemb_quickstart",
+                           template_overrides=data.templates)
+    task = seqio.TaskRegistry.get(tasks.DOCSTRING_CODE)
+    template = task.preprocessors[0].keywords["template"]
+    assert template.document("def f(): pass") == "code: def f(): pass"
+    mixtures.build_mixture(byte_vocab, name="gemb_quickstart")  # the default again
+    task = seqio.TaskRegistry.get(tasks.DOCSTRING_CODE)
+    assert task.preprocessors[0].keywords["template"] == templates.default_template("code_retrieval")

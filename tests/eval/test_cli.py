@@ -4,10 +4,11 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from gemb.eval import cli, encoders, runner
+from gemb.eval.hook import EvalHook
+from gemb.eval.tasks import parse_task
 
 
 @pytest.fixture
@@ -150,22 +151,13 @@ def test_eval_imports_neither_jax_nor_tensorflow():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_eval_hook_logs_every_n_steps(tmp_path, sts_file, hashing_encoder):
-    logged = []
-    hook = runner.EvalHook(f"sts:{sts_file}", every_n_steps=10,
-                           log_scalars=lambda step, scalars: logged.append((step, scalars)))
-    assert hook.maybe_evaluate(5, hashing_encoder) is None
-    scalars = hook.maybe_evaluate(10, hashing_encoder)
-    assert logged == [(10, scalars)] and "eval/toy_sts/main_score" in scalars
-
-
-def test_eval_hook_writes_tensorboard_events(tmp_path, sts_file, hashing_encoder):
-    pytest.importorskip("tensorboard")
-    hook = runner.EvalHook(f"sts:{sts_file}", every_n_steps=1, logdir=tmp_path / "tb")
-    hook.evaluate(3, hashing_encoder)
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tmp_path / "tb"))
-    events.Reload()
-    (scalar,) = events.Scalars("eval/toy_sts/main_score")
-    assert scalar.step == 3 and np.isfinite(scalar.value)
+def test_eval_hook_scores_tasks_through_the_runner(sts_file, hashing_encoder, capsys):
+    """The training hook uses the same tasks and runner as gemb eval; a broken task is reported
+    and left out instead of ending the training run."""
+    hook = EvalHook(tasks=[f"sts:{sts_file}", "sts:/nowhere/missing.tsv?name=gone"],
+                    metrics=("main_score", "cosine_pearson"))
+    scores = hook.run(10, hashing_encoder)
+    expected = runner.run_tasks(hashing_encoder, [parse_task(f"sts:{sts_file}")], model_name="x")
+    assert scores["toy_sts/main_score"] == expected[0].main_score
+    assert "toy_sts/cosine_pearson" in scores and not any(key.startswith("gone/") for key in scores)
+    assert "task gone" in capsys.readouterr().err

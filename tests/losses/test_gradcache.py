@@ -300,11 +300,9 @@ def token_batch(seed, batch, num_negatives, vocab_size):
 
 
 def _tiny_encoder():
-    try:
-        from gemb.models import config as model_config
-        from gemb.models.encoder import Encoder
-    except ImportError as error:
-        pytest.skip(f"the Gemma encoder is not available yet ({error})")
+    from gemb.models import config as model_config
+    from gemb.models.encoder import Encoder
+
     return Encoder(model_config.TINY_ENCODER), model_config.TINY_ENCODER
 
 

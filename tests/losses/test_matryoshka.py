@@ -121,9 +121,20 @@ def test_dims_larger_than_the_embedding_are_an_error(embeddings, features):
         )
 
 
-def test_dims_must_increase():
-    with pytest.raises(ValueError, match="strictly increasing"):
-        ContrastiveLossConfig(matryoshka_dims=(768, 1536, 512))
+def test_dims_are_a_set_of_widths_in_any_order(embeddings, features):
+    """The model lists its widths in any order (EncoderConfig); the loss sorts them with their
+    weights, so (16, 4) with weights (0, 1) is the same objective as (4, 16) with (1, 0)."""
+    config = ContrastiveLossConfig(matryoshka_dims=(768, 1536, 512), matryoshka_weights=(1, 2, 3))
+    assert config.matryoshka_dims == (512, 768, 1536)
+    assert config.matryoshka_weights == (3.0, 1.0, 2.0)
+    given = ContrastiveLossConfig(temperature=0.05, matryoshka_dims=(16, 4), matryoshka_weights=(0.0, 1.0))
+    sorted_ = ContrastiveLossConfig(temperature=0.05, matryoshka_dims=(4, 16), matryoshka_weights=(1.0, 0.0))
+    assert given == sorted_
+    np.testing.assert_array_equal(
+        matryoshka_contrastive_loss(embeddings, features, config=given)[0],
+        matryoshka_contrastive_loss(embeddings, features, config=sorted_)[0])
+    with pytest.raises(ValueError, match="repeat a width"):
+        ContrastiveLossConfig(matryoshka_dims=(512, 768, 512))
 
 
 def test_gradients_reach_every_prefix(embeddings, features):

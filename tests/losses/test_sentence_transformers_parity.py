@@ -23,7 +23,7 @@ Where they differ, and why:
     gemb takes a [B, K] validity mask so pre-finetuning (no negatives) and fine-tuning batches
     with 0..K negatives share one loss. With all negatives present the two agree.
   * Own vs all hard negatives. MNRL always scores a query against every row's negatives; gemb
-    defaults to the query's own negatives (RECIPE.md: n_i in the denominator), the other rows'
+    defaults to the query's own negatives (docs/recipe.md: n_i in the denominator), the other rows'
     being an option.
   * Symmetric term with same-tower negatives. MNRL's per_direction mode refuses
     query_to_query; gemb allows both (query-query terms join the query row's softmax, the

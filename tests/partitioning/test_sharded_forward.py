@@ -36,7 +36,7 @@ def _sharded_forward(model, boxed, partitioner, tokens, segments):
         with partitioner.activation_context():
             return model.apply({"params": p}, t, s)
 
-    return forward(params, *partitioner.shard_batch((tokens, segments))), params
+    return forward(params, *partitioner.place_batch((tokens, segments))), params
 
 
 @pytest.mark.parametrize("transformer", [config.TINY, ONE_KV_HEAD_TINY], ids=["tiny", "one_kv_head"])
@@ -51,7 +51,7 @@ def test_sharded_forward_equals_single_device(mesh_name, transformer):
     for key in ("pooled", "projected"):
         np.testing.assert_allclose(out[key], reference[key], atol=1e-5, rtol=1e-5)
     # The batch really is split over the data axes, and the params are really sharded.
-    sharded_tokens = partitioner.shard_batch(tokens)
+    sharded_tokens = partitioner.place_batch(tokens)
     data_shards = MESHES[mesh_name][0] * MESHES[mesh_name][1]
     assert len({str(s.index) for s in sharded_tokens.addressable_shards}) == data_shards
     embedding = params["transformer"]["embedder"]["input_embedding"]
@@ -111,4 +111,27 @@ def test_mesh_errors_name_the_numbers():
 def test_indivisible_batch_is_named():
     partitioner = partitioner_lib.Partitioner(mesh_lib.create_mesh((2, 2, 2)))
     with pytest.raises(ValueError, match="global batch of 6 cannot be split"):
-        partitioner.shard_batch(np.zeros((6, 4), np.int32))
+        partitioner.place_batch(np.zeros((6, 4), np.int32))
+
+
+def test_activation_constraints_resolve_through_the_partitioner():
+    """Activations take the parameters' resolver: an indivisible dimension (3 heads over 2
+    tensor shards, a batch of 6 over 4 data shards) is left replicated, not an error."""
+    from jax.sharding import PartitionSpec as P
+
+    partitioner = partitioner_lib.Partitioner(mesh_lib.create_mesh((2, 2, 2)))
+    names = ("act_batch", "act_length", "act_heads", None)
+    assert partitioner.activation_spec(names, (8, 5, 4, 16)) == P(("data", "fsdp"), None, "tensor", None)
+    assert partitioner.activation_spec(names, (8, 5, 3, 16)) == P(("data", "fsdp"), None, None, None)
+    assert partitioner.activation_spec(names, (6, 5, 4, 16)) == P(None, None, "tensor", None)
+
+    def hinted(x):
+        return partitioner_lib.constrain(x, names)
+
+    x = np.zeros((8, 5, 4, 16), np.float32)
+    with partitioner.activation_context():
+        inside = jax.jit(hinted)(x)
+    expected = jax.sharding.NamedSharding(partitioner.mesh, P(("data", "fsdp"), None, "tensor"))
+    assert inside.sharding.is_equivalent_to(expected, x.ndim)
+    outside = jax.jit(lambda x: partitioner_lib.constrain(x, names))(x)  # no context: no hint
+    assert outside.sharding.is_fully_replicated

@@ -9,7 +9,7 @@ import pytest
 
 from gemb.checkpoints import model_dir as model_dir_lib
 from gemb.models.config import TINY_ENCODER
-from gemb.train import checkpointing, main as train_main
+from gemb.train import checkpointing, run
 from gemb.train.data import SyntheticData
 
 from helpers import (LOSS, OPTIMIZER, SMALL, build, partitioner_for, save_checkpoints,
@@ -39,13 +39,13 @@ def test_run_dir_of_another_model_is_an_error(tmp_path):
     save_checkpoints(tmp_path, {1})
     other = SMALL.replace(head_dims=(48,), matryoshka_dims=(48, 24))
     with pytest.raises(ValueError, match="another model"):
-        train_main.train(model_dir=str(tmp_path), encoder=other, data=SyntheticData(batch_size=8),
+        run.train(model_dir=str(tmp_path), encoder=other, data=SyntheticData(batch_size=8),
                          num_steps=2, loss=LOSS, optimizer=OPTIMIZER)
 
 
 def test_missing_init_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train_main.train(model_dir=str(tmp_path / "run"), encoder=TINY_ENCODER,
+        run.train(model_dir=str(tmp_path / "run"), encoder=TINY_ENCODER,
                          data=SyntheticData(batch_size=8), num_steps=2,
                          init_from=str(tmp_path / "nowhere"))
 
@@ -54,11 +54,11 @@ def test_mesh_device_mismatch_and_indivisible_batch_fail_before_training(tmp_pat
     from gemb.train import gin_registry
 
     with pytest.raises(ValueError, match="needs 6 devices but 8 are available"):
-        train_main.train(model_dir=str(tmp_path / "a"), encoder=TINY_ENCODER,
+        run.train(model_dir=str(tmp_path / "a"), encoder=TINY_ENCODER,
                          data=SyntheticData(batch_size=8), num_steps=2,
                          partitioner=lambda: gin_registry.partitioner((3, 2, 1)))
     with pytest.raises(ValueError, match="cannot be split over the data axes"):
-        train_main.train(model_dir=str(tmp_path / "b"), encoder=TINY_ENCODER,
+        run.train(model_dir=str(tmp_path / "b"), encoder=TINY_ENCODER,
                          data=SyntheticData(batch_size=12), num_steps=2,
                          partitioner=lambda: gin_registry.partitioner((8, 1, 1)))
 
@@ -97,10 +97,10 @@ def test_keep_best_keeps_the_best_step_beside_the_newest(tmp_path, mode, best_st
     config = checkpointing.CheckpointConfig(keep=1, keep_best=1, best_metric="ndcg",
                                             best_mode=mode, async_save=False)
     ckpt = checkpointing.RunCheckpointer(tmp_path, config)
-    meta = train_main._model_meta(SMALL, LOSS, OPTIMIZER)
+    meta = run._model_meta(SMALL, LOSS, OPTIMIZER)
     scores = {1: 0.30, 2: 0.90, 3: 0.10, 4: 0.50}
     for step, batch in zip(sorted(scores), synthetic_batches(4)):
-        state, _ = steps.train(state, batch)
+        state, _ = steps.train_step(state, batch)
         ckpt.save(step, state, {"batch_index": step}, meta, metrics={"ndcg": scores[step]})
     ckpt.close()
     assert checkpointing.RunCheckpointer(tmp_path, config).all_steps() == sorted({best_step, 4})

@@ -15,21 +15,20 @@ import orbax.checkpoint as ocp
 import pytest
 
 from gemb import paths
-from gemb.train import checkpointing, checksums, main as train_main, trainer
-from gemb.train.data import SyntheticData
+from gemb.train import checkpointing, checksums, run, trainer
 
-from helpers import (LOSS, OPTIMIZER, SMALL, build, partitioner_for, save_checkpoints,
+from helpers import (LOSS, OPTIMIZER, SMALL, build, partitioner_for, save_checkpoints, synthetic,
                      synthetic_batches)
 
 
 def _train(model_dir, **overrides):
     kwargs = dict(model_dir=str(model_dir), encoder=SMALL, loss=LOSS, optimizer=OPTIMIZER,
-                  data=SyntheticData(batch_size=8, query_length=12, document_length=16),
+                  data=synthetic(batch_size=8, num_negatives=0),
                   num_steps=4, log_every=1,
                   checkpoint=checkpointing.CheckpointConfig(save_every=2, keep=5),
                   partitioner=lambda: partitioner_for((1, 1, 1), 1))
     kwargs.update(overrides)
-    return train_main.train(**kwargs)
+    return run.train(**kwargs)
 
 
 def _step_dirs(model_dir):
@@ -184,7 +183,7 @@ def test_resume_allows_a_new_remat_policy_and_warns_on_a_new_batch_size(tmp_path
     capsys.readouterr()
     remat = SMALL.replace(transformer=SMALL.transformer.replace(remat_policy="full"))
     summary = _train(tmp_path, num_steps=4, encoder=remat,
-                     data=SyntheticData(batch_size=16, query_length=12, document_length=16))
+                     data=synthetic(batch_size=16, num_negatives=0))
     out = capsys.readouterr().out
     assert summary["final_step"] == 4 and "Resumed" in out
     assert "changed compute settings" in out and "remat_policy: 'none' -> 'full'" in out
@@ -211,7 +210,7 @@ def _all_params_finite(model_dir, step):
 
 def test_divergence_stops_after_k_nonfinite_steps_without_saving_them(tmp_path, capsys):
     step = trainer.StepConfig(max_consecutive_nonfinite=3)
-    with pytest.raises(train_main.TrainingDiverged) as raised:
+    with pytest.raises(run.TrainingDiverged) as raised:
         _train(tmp_path, num_steps=20, step=step, **DIVERGING)
     message = str(raised.value)
     first_bad = int(message.split("the first at step ")[1].split(" ")[0])
@@ -225,21 +224,21 @@ def test_divergence_stops_after_k_nonfinite_steps_without_saving_them(tmp_path, 
 
 def test_divergence_without_any_checkpoint_says_so(tmp_path):
     step = trainer.StepConfig(max_consecutive_nonfinite=2)
-    with pytest.raises(train_main.TrainingDiverged, match="No checkpoint was saved before it"):
+    with pytest.raises(run.TrainingDiverged, match="No checkpoint was saved before it"):
         _train(tmp_path, num_steps=20, step=step,
                checkpoint=checkpointing.CheckpointConfig(save_every=100), **DIVERGING)
     assert _step_dirs(tmp_path) == []
 
 
 def test_stop_policy_message_is_true_without_a_checkpoint(tmp_path):
-    with pytest.raises(train_main.TrainingDiverged, match="No checkpoint was saved before it"):
+    with pytest.raises(run.TrainingDiverged, match="No checkpoint was saved before it"):
         _train(tmp_path, num_steps=20, step=trainer.StepConfig(nan_policy="stop"),
                checkpoint=checkpointing.CheckpointConfig(save_every=100), **DIVERGING)
 
 
 def test_nonfinite_last_step_is_not_saved_or_exported(tmp_path, capsys):
     step = trainer.StepConfig(max_consecutive_nonfinite=50)
-    with pytest.raises(train_main.TrainingDiverged, match="not exporting"):
+    with pytest.raises(run.TrainingDiverged, match="not exporting"):
         _train(tmp_path, num_steps=6, step=step, export=True, **DIVERGING)
     assert not (tmp_path / "export").exists()
     for saved in _step_dirs(tmp_path):

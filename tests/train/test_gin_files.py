@@ -9,6 +9,12 @@ from gemb import paths
 from gemb.models.config import EncoderConfig
 from gemb.train import main as train_main
 
+EXPECTED_MESHES = {
+    "dp": {"data": 8, "fsdp": 1, "tensor": 1},
+    "fsdp": {"data": 1, "fsdp": 8, "tensor": 1},
+    "fsdp_tp": {"data": 1, "fsdp": 4, "tensor": 2},
+}
+
 GIN = paths.REPO_ROOT / "gin"
 MODEL_FILES = sorted((GIN / "models").glob("*.gin"))
 PARTITIONING_FILES = sorted((GIN / "partitioning").glob("*.gin"))
@@ -31,7 +37,7 @@ def fake_model_folder(tmp_path):
 
 def dry_run(files, bindings):
     train_main.parse_gin([str(f) for f in files], bindings)
-    return train_main.train(dry_run=True)  # pylint: disable=no-value-for-parameter
+    return gin.get_configurable("train")(dry_run=True)
 
 
 @pytest.mark.parametrize("model_file", MODEL_FILES, ids=lambda p: p.stem)
@@ -46,7 +52,7 @@ def test_model_files_build_their_encoder(model_file):
 def test_partitioning_files_build_a_mesh_on_eight_devices(partitioning_file, tmp_path):
     result = dry_run([GIN / "runs" / "tiny_synthetic.gin", partitioning_file],
                      [f"MODEL_DIR = '{tmp_path}'"])
-    assert result["mesh"] and sum(result["mesh"].values()) >= 3
+    assert result["mesh"] == EXPECTED_MESHES[partitioning_file.stem]
     assert result["num_params"] > 0
 
 
@@ -55,7 +61,9 @@ def test_quickstart_builds(tmp_path, fake_model_folder):
                      [f"MODEL_DIR = '{tmp_path / 'run'}'", f"MODEL_FOLDER = '{fake_model_folder}'"])
     assert result["num_trainable"] < result["num_params"] / 5  # embedding + 15 layers frozen
     assert result["data"].batch_size == 16 and result["data"].mixture == "gemb_quickstart"
-    assert result["eval_hook"].at_start
+    assert (result["data"].features.query_length, result["data"].features.document_length) == (32, 64)
+    hook = result["eval_hook"]
+    assert hook.at_start and [task.name for task in hook.task_list] == ["docstring_code"]
 
 
 @pytest.mark.parametrize("run_file", ["pretrain", "finetune"])

@@ -34,7 +34,7 @@ def test_weight_decay_only_on_matrices_not_norms_or_biases():
 def test_decay_leaves_norm_scales_alone():
     config = optimizers.OptimizerConfig(learning_rate=0.1, weight_decay=0.5, clip_norm=None,
                                         schedule="constant")
-    tx, _ = optimizers.make_optimizer(config, 10)
+    tx = optimizers.make_optimizer(config, 10).tx
     zeros = jax.tree.map(jnp.zeros_like, PARAMS)
     updates, _ = tx.update(zeros, tx.init(PARAMS), PARAMS)
     assert float(jnp.abs(updates["encoder"]["transformer"]["final_norm"]["scale"]).max()) == 0
@@ -59,7 +59,7 @@ def test_global_norm_clipping():
     config = optimizers.OptimizerConfig(learning_rate=1.0, clip_norm=1.0, schedule="constant",
                                         b1=0.0, b2=0.0, eps=0.0)
     params = {"w": jnp.zeros((2, 2))}
-    tx, _ = optimizers.make_optimizer(config, 10)
+    tx = optimizers.make_optimizer(config, 10).tx
     grads = {"w": jnp.full((2, 2), 100.0)}
     updates, _ = tx.update(grads, tx.init(params), params)
     # Adam with b1 = b2 = 0 normalises per entry; clipping must not produce nan / inf.
