@@ -23,7 +23,6 @@ def main():
     args = parser.parse_args()
 
     import jax
-    import jax.numpy as jnp
     import torch
     import transformers
 
