@@ -16,6 +16,8 @@ COMMANDS = {
                "model folder -> sentence-transformers / transformers folder"),
     "soup": ("gemb.soup", "average the params of several checkpoints into a model folder"),
 }
+# `convert` is one host's job; the rest join a multi-process job when launched as one.
+MULTI_PROCESS_COMMANDS = ("embed", "eval", "train", "precompile", "export", "soup")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +26,16 @@ def main(argv: list[str] | None = None) -> int:
         lines = [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
         print("usage: gemb <command> [args]\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] in MULTI_PROCESS_COMMANDS:
+        from gemb import distributed
+
+        try:
+            # Before any device is touched: under a multi-process launcher each of these
+            # commands runs as one process of the job.
+            distributed.initialize()
+        except distributed.DistributedSetupError as error:
+            print(f"gemb {argv[0]}: error: {error}", file=sys.stderr)
+            return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv[1:])
 

@@ -22,7 +22,8 @@ each (first-fit decreasing), plus where each example's embedding lands in the en
   {role}_tokens / _segment_ids / _positions  int32 [R, L]
   {role}_segment_mask  bool  [R, S]  True where a (row, segment) slot holds an example; its
                                      shape gives the encoder's static num_segments = S
-  query_slot, positive_slot  int32 [B]   flat index row * S + (segment - 1) of each example
+  query_slot, positive_slot  int32 [B]   flat index row * S + (segment - 1) of each example,
+                       row counted in the GLOBAL batch (rows of the hosts before this one first)
   negative_slot        int32 [B, K]  the same for negatives (0 where negative_mask is False)
   negative_mask, *_hash as above
 
@@ -236,14 +237,19 @@ class FeatureConverter:
     row_multiple: packed row counts are multiples of this (the number of data-parallel devices
     of this host), so every device gets whole rows. It is a property of the run's mesh, not of
     the configuration, and is ignored in the padded layout (its rows are the examples).
+    shard_index: this host's block of the global batch (its rows follow shard_index equal
+    blocks of the other hosts). Packed slots index the GLOBAL rows, so they are offset by the
+    rows before this host's block; hosts must then convert with one agreed layout.
     """
 
     def __init__(self, config: FeatureConverterConfig = FeatureConverterConfig(),
-                 row_multiple: int = 1):
-        if row_multiple < 1:
-            raise ValueError(f"row_multiple must be >= 1, got {row_multiple}")
+                 row_multiple: int = 1, shard_index: int = 0):
+        if row_multiple < 1 or shard_index < 0:
+            raise ValueError(f"row_multiple must be >= 1 and shard_index >= 0, got "
+                             f"{row_multiple} and {shard_index}")
         self.config = config
         self.row_multiple = row_multiple
+        self.shard_index = shard_index
 
     # -- special tokens and trimming ----------------------------------------------------------
 
@@ -393,7 +399,12 @@ class FeatureConverter:
         """Model features of a batch (or of its plan), shaped by `layout` (default: the batch's
         own plan; a larger agreed layout only adds padding)."""
         plan = batch if isinstance(batch, BatchPlan) else self.plan(batch)
-        layout = plan.layout if layout is None else layout
+        if layout is None:
+            if self.shard_index and self.config.pack:
+                raise ValueError("a packed batch of shard_index > 0 needs the layout every host "
+                                 "agreed on (agree_across_processes): its slots count the rows "
+                                 "of the blocks before it.")
+            layout = plan.layout
         batch_size, k = plan.batch_size, plan.num_negatives
         features: dict[str, np.ndarray] = {}
         slots: dict[str, np.ndarray] = {}
@@ -424,7 +435,9 @@ class FeatureConverter:
                 segment_mask = np.zeros((rows, segments), bool)
                 segment_mask[row[present], segment[present] - 1] = True
                 features[f"{role}_segment_mask"] = segment_mask
-                slots[role] = np.where(present, row * segments + segment - 1, 0).astype(np.int32)
+                global_row = row + self.shard_index * rows  # rows of the blocks before ours
+                slots[role] = np.where(present, global_row * segments + segment - 1,
+                                       0).astype(np.int32)
         negative_mask = (plan.roles["negatives"].lengths > 0).reshape(batch_size, k)
         features["query_hash"] = token_hashes(plan.roles["query"])
         features["positive_hash"] = token_hashes(plan.roles["positive"])

@@ -10,6 +10,7 @@ resolver as the parameters (docs/design.md, convention 1).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import contextvars
 import logging
 import math
@@ -75,6 +76,16 @@ def _path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
+@dataclasses.dataclass(frozen=True)
+class DataLayout:
+    """This process's part of the global batch: block `shard_index` of `num_shards` equal
+    blocks, spread over `local_data_parallel_size` of its devices."""
+
+    shard_index: int = 0
+    num_shards: int = 1
+    local_data_parallel_size: int = 1
+
+
 class Partitioner:
     """Mesh + logical rules -> shardings for parameters, batches and activations."""
 
@@ -127,13 +138,34 @@ class Partitioner:
                 f"({self.data_parallel_size} shards) of mesh {dict(self.mesh.shape)}; use a "
                 f"multiple of {self.data_parallel_size}.")
 
+    def data_layout(self) -> "DataLayout":
+        """Which block of every global batch this process feeds (t5x's get_data_layout).
+
+        The batch's leading axis is split over the data axes; this process's devices hold one
+        contiguous block of it, and processes that differ only along model axes (a tensor axis
+        across hosts) hold the same block and must feed the same rows.
+        """
+        size = self.data_parallel_size
+        index_map = self.batch_sharding(1).devices_indices_map((size,))
+        mine = sorted({index_map[d][0].start or 0 for d in self.mesh.devices.flat
+                       if d.process_index == jax.process_index()})
+        per_process = len(mine)
+        if mine != list(range(mine[0], mine[0] + per_process)) or mine[0] % per_process:
+            raise ValueError(
+                f"mesh {dict(self.mesh.shape)} gives process {jax.process_index()} the batch "
+                f"shards {mine} of {size}, not one aligned contiguous block; build the mesh "
+                "with create_mesh (hosts outermost on the data axes).")
+        return DataLayout(shard_index=mine[0] // per_process, num_shards=size // per_process,
+                          local_data_parallel_size=per_process)
+
     def place_batch(self, host_batch: Any) -> Any:
         """This process's rows of a batch (numpy) -> global jax.Arrays split over the data axes.
 
-        Every leaf's leading axis is this process's share of the global batch; with one
-        process that is the whole batch. The global row count must divide over the data axes.
+        Every leaf's leading axis is this process's block of the global batch (`data_layout`);
+        with one process that is the whole batch. The global row count must divide over the
+        data axes.
         """
-        processes = jax.process_count()
+        num_shards = self.data_layout().num_shards
 
         def put(path, x):
             x = np.asarray(x)
@@ -141,8 +173,10 @@ class Partitioner:
             if x.ndim == 0:
                 raise ValueError(f"{what} is a scalar; every batch feature needs the batch as "
                                  "its leading axis.")
-            self.check_batch_size(x.shape[0] * processes, what)
-            return jax.make_array_from_process_local_data(self.batch_sharding(x.ndim), x)
+            global_shape = (x.shape[0] * num_shards, *x.shape[1:])
+            self.check_batch_size(global_shape[0], what)
+            return jax.make_array_from_process_local_data(self.batch_sharding(x.ndim), x,
+                                                          global_shape)
 
         return jax.tree_util.tree_map_with_path(put, host_batch)
 

@@ -39,8 +39,10 @@ class DataShard:
     """This process's part of the global batch.
 
     Attributes:
-      index, count: this process and how many there are; process `index` builds rows
-        [index * B / count, (index + 1) * B / count) of each global batch of B.
+      index, count: this process's block of the global batch and how many blocks there are
+        (Partitioner.data_layout); block `index` holds rows [index * B / count,
+        (index + 1) * B / count) of each global batch of B. Processes that differ only along
+        model axes share a block and build the same rows.
       row_multiple: packed row counts are multiples of this (this process's data-parallel
         devices), so the placed batch splits into whole rows per device.
     """
@@ -130,7 +132,8 @@ class SyntheticIterator:
                              f"{shard.count} processes.")
         self.batch_index = int(state.get("batch_index", 0))
         self.shard = shard
-        self.converter = FeatureConverter(spec.features, row_multiple=shard.row_multiple)
+        self.converter = FeatureConverter(spec.features, row_multiple=shard.row_multiple,
+                                          shard_index=shard.index)
         rng = np.random.default_rng([spec.seed, 99])
         self.topics = rng.integers(3, spec.vocab_size, size=(spec.num_topics, 8))
 
@@ -234,7 +237,8 @@ class SeqioData(TrainingData):
                                          policy=self.quality, template_overrides=self.templates)
         return batching.TaskHomogeneousBatcher(
             mixture, batch_size=self.batch_size,
-            converter=FeatureConverter(self.features, row_multiple=shard.row_multiple),
+            converter=FeatureConverter(self.features, row_multiple=shard.row_multiple,
+                                       shard_index=shard.index),
             split=self.split, seed=self.seed,
             shard_info=seqio.ShardInfo(index=shard.index, num_shards=shard.count),
             state=dict(state or {}) or None, prefetch=self.prefetch)

@@ -24,7 +24,7 @@ from typing import Sequence
 import gin
 import jax
 
-from gemb import paths
+from gemb import distributed, paths
 from gemb.train import checkpointing, gin_registry, run
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("gemb train: give at least one --gin_file (e.g. gin/runs/quickstart.gin)",
               file=sys.stderr)
         return 2
-    run.maybe_initialize_distributed()
+    try:
+        distributed.initialize()
+    except distributed.DistributedSetupError as error:
+        print(f"gemb train: error: {error}", file=sys.stderr)
+        return 2
     parse_gin(args.gin_file, args.bindings, args.gin_search_path)
     config_text = gin.config_str()
     try:

@@ -72,23 +72,6 @@ def _check_resumable(saved: Mapping[str, Any], expected: Mapping[str, Any], wher
         print(f"WARNING: {message}", flush=True)
 
 
-def maybe_initialize_distributed() -> None:
-    """jax.distributed.initialize() when launched as one of several processes.
-
-    Detects SLURM (SLURM_NTASKS > 1), TPU VM pods (TPU_WORKER_HOSTNAMES with several hosts),
-    an explicit JAX_COORDINATOR_ADDRESS, or GEMB_DISTRIBUTED=1; jax fills in the rest itself.
-    """
-    env = os.environ
-    several = (int(env.get("SLURM_NTASKS", "1")) > 1
-               or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-               or bool(env.get("JAX_COORDINATOR_ADDRESS"))
-               or env.get("GEMB_DISTRIBUTED") == "1")
-    if several and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-        log.info("jax.distributed: process %d of %d, %d global devices", jax.process_index(),
-                 jax.process_count(), jax.device_count())
-
-
 def train(
     model_dir: str = None,
     encoder: EncoderConfig = None,
@@ -151,7 +134,7 @@ def train(
 
     # 1. Everything that can be wrong with the configuration fails here, before any compute.
     partitioner = (partitioner or default_partitioner)()
-    trainer.check_batch_size(data.batch_size, step, partitioner, jax.process_count(),
+    trainer.check_batch_size(data.batch_size, step, partitioner,
                              packed=data.packed)
     if init_from is not None and not Path(init_from).exists():
         raise FileNotFoundError(
@@ -202,13 +185,16 @@ def train(
         del params
         print(f"Starting {model_dir} from scratch at step 0 with {origin}: it has no checkpoint "
               "to resume.", flush=True)
+    # This process's block of each global batch; its packed rows split evenly over its own
+    # data-parallel devices.
+    data_layout = partitioner.data_layout()
     print(f"Model {encoder.transformer.name}: {layout.num_params:,} params, "
           f"{layout.num_trainable:,} trainable; mesh {dict(partitioner.mesh.shape)}.", flush=True)
-
-    # Packed rows of all processes together must split evenly over the data-parallel devices.
-    row_multiple = max(1, partitioner.data_parallel_size // jax.process_count())
-    iterator = data.make(data_state, DataShard(jax.process_index(), jax.process_count(),
-                                               row_multiple))
+    if jax.process_count() > 1:
+        print(f"Process {jax.process_index()} of {jax.process_count()}: feeds batch block "
+              f"{data_layout.shard_index} of {data_layout.num_shards}.", flush=True)
+    iterator = data.make(data_state, DataShard(data_layout.shard_index, data_layout.num_shards,
+                                               data_layout.local_data_parallel_size))
 
     # 3. Logging.
     tb, metrics_file = None, None
@@ -257,39 +243,69 @@ def train(
     last_step = num_steps if stop_after is None else min(num_steps, first_step + stop_after)
     guard = DivergenceGuard(step.nan_policy, step.max_consecutive_nonfinite, ckpt)
     kill_after = _kill_after_step()
+
+    def settle(done: int, metrics: Mapping[str, jax.Array], tokens: int) -> bool:
+        """Reads a dispatched step's results (waits for it): the divergence guard, the log."""
+        finite = bool(metrics["finite"])
+        console.add_tokens(tokens)  # counted as the step is read, in the window it ends in
+        ckpt.check_for_errors()  # a failed background save stops the run now
+        if done == first_step + 1:
+            # The first step includes compilation: report it apart and keep it out of the
+            # rates, which would otherwise understate steps/s and tokens/s for a whole window.
+            print(f"step {done}: compiled and ran in {time.time() - loop_start:.1f} s",
+                  flush=True)
+            console.start(done)
+        guard.record(done, finite, metrics)  # raises TrainingDiverged
+        if done % log_every == 0 or done == num_steps:
+            host = {k: float(v) for k, v in metrics.items()}
+            rates = console.maybe_log(done, host) or {}
+            if is_chief:
+                with _writing(model_dir / METRICS_FILE, ckpt):
+                    tb.scalars(done, {**{f"train/{k}": v for k, v in host.items()},
+                                      **{f"train/{k}": v for k, v in rates.items()}})
+                    metrics_file.write(json.dumps({"step": done, **host}) + "\n")
+                    # Flushed at every logged step, so a crash loses no logged point.
+                    metrics_file.flush()
+                    tb.flush()
+        return finite
+
+    def next_batch() -> tuple[dict[str, jax.Array], Mapping[str, int], int]:
+        """The next batch on the mesh, the data position after it and its global tokens."""
+        features = next(iterator)
+        tokens = num_tokens(features) * data_layout.num_shards
+        return run_trainer.place(features), iterator.state, tokens
+
+    # Steps are dispatched without waiting for the previous one: while the device runs step N
+    # the host prepares and places batch N+1, then reads step N-1's finite flag (done by now),
+    # so the device never waits for the host. A step whose state is needed at once (save,
+    # eval, the last step, the first one, which compiles) is read before going on, and the
+    # next batch is read after it.
+    unsettled = None  # (step, metrics, tokens) dispatched but not yet read
     try:
+        upcoming = next_batch() if first_step < last_step else None
         for current in range(first_step, last_step):
-            features = next(iterator)
-            console.add_tokens(num_tokens(features) * jax.process_count())
-            state, metrics = run_trainer.train_step(state, features)
             done = current + 1
-            finite = bool(metrics["finite"])  # waits for the step to finish
-            ckpt.check_for_errors()  # a failed background save stops the run now
-            if current == first_step:
-                # The first step includes compilation: report it apart and keep it out of the
-                # rates, which would otherwise understate steps/s and tokens/s for a whole window.
-                print(f"step {done}: compiled and ran in {time.time() - loop_start:.1f} s",
-                      flush=True)
-                console.start(done)
-            guard.record(done, finite, metrics)  # raises TrainingDiverged
-            if done % log_every == 0 or done == num_steps:
-                host = {k: float(v) for k, v in metrics.items()}
-                rates = console.maybe_log(done, host) or {}
-                if is_chief:
-                    with _writing(model_dir / METRICS_FILE, ckpt):
-                        tb.scalars(done, {**{f"train/{k}": v for k, v in host.items()},
-                                          **{f"train/{k}": v for k, v in rates.items()}})
-                        metrics_file.write(json.dumps({"step": done, **host}) + "\n")
-                        # Flushed at every logged step, so a crash loses no logged point.
-                        metrics_file.flush()
-                        tb.flush()
+            batch, position, tokens = upcoming  # position: the data after this step's batch
+            state, metrics = run_trainer.train_step(state, batch)
+            evaluate = eval_encoder is not None and eval_hook.due(done, num_steps)
+            save = done % checkpoint.save_every == 0 or done in (num_steps, last_step)
+            read_now = current == first_step or evaluate or save or kill_after == done
+            if not read_now:
+                upcoming = next_batch()  # overlaps the step
+            if unsettled is not None:
+                settle(*unsettled)
+                unsettled = None
+            if not read_now:
+                unsettled = (done, metrics, tokens)
+                continue
+            finite = settle(done, metrics, tokens)
             results = None
-            if finite and eval_encoder is not None and eval_hook.due(done, num_steps):
+            if finite and evaluate:
                 results = run_eval(done)
                 console.start(done)  # evaluation time is not training throughput
-            if done % checkpoint.save_every == 0 or done == num_steps or done == last_step:
+            if save:
                 if finite:
-                    ckpt.save(done, state, iterator.state, meta,
+                    ckpt.save(done, state, position, meta,
                               metrics=results if checkpoint.keep_best else None,
                               force=done == num_steps or done == last_step)
                 else:
@@ -297,6 +313,9 @@ def train(
                           "last checkpoint keeps the state before it).", flush=True)
             if kill_after == done:
                 _kill_self(ckpt, done)
+            if done < last_step:
+                # After the save: a data error reading ahead cannot cost this step's checkpoint.
+                upcoming = next_batch()
     except BaseException:
         ckpt.close(quiet=True)  # the error in flight is the one to report
         raise

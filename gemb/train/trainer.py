@@ -72,12 +72,11 @@ class StepConfig:
 
 
 def check_batch_size(batch_size: int, step_config: StepConfig, partitioner: Partitioner,
-                     num_processes: int = 1, packed: bool = False,
-                     what: str = "data.batch_size") -> None:
-    """Everything the global batch size must divide, checked once before any compute."""
-    if batch_size < 1 or batch_size % num_processes:
-        raise ValueError(f"{what}={batch_size} must be a positive multiple of the number of "
-                         f"processes ({num_processes}): each builds an equal share.")
+                     packed: bool = False, what: str = "data.batch_size") -> None:
+    """Everything the global batch size must divide, checked once before any compute (the
+    data axes divide it, so every process's block is whole too)."""
+    if batch_size < 1:
+        raise ValueError(f"{what}={batch_size} must be positive.")
     partitioner.check_batch_size(batch_size, f"{what} (the global batch)")
     if packed and (step_config.gradient_cache_chunk or step_config.microbatches > 1):
         raise ValueError("packed batches cannot be cut into gradient-cache chunks or "
@@ -241,9 +240,16 @@ class Trainer:
                 out_shardings=self._replicated)
         return self._eval_jits[key]
 
-    def train_step(self, state: TrainState, host_batch: Mapping[str, np.ndarray]
+    def place(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A host batch on the mesh (done apart from the step, so the next batch can be placed
+        while the current step runs)."""
+        return self.partitioner.place_batch(host_batch)
+
+    def train_step(self, state: TrainState, batch: Mapping[str, Any]
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
-        batch = self.partitioner.place_batch(host_batch)
+        """One optimiser step on a host batch, or on one `place` already put on the mesh."""
+        if not all(isinstance(v, jax.Array) for v in batch.values()):
+            batch = self.place(batch)
         with self.partitioner.activation_context():
             return self.train_jit(batch)(state, batch)
 
