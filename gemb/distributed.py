@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import os
 import re
+import sys
 from typing import Optional
 
 log = logging.getLogger(__name__)
@@ -234,3 +235,40 @@ def initialize() -> ProcessSetup:
         cluster_detection_method="deactivate",
         initialization_timeout=int(os.environ.get(INIT_TIMEOUT, "300")))
     return setup
+
+
+def is_chief() -> bool:
+    """Whether this process writes the job's shared side files (process 0; any process of a
+    program that never imported JAX is alone)."""
+    if "jax" not in sys.modules:
+        return True
+    import jax
+
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """All processes wait here (a no-op with one): after process 0 wrote a shared file, before
+    any process reads it or exits."""
+    if "jax" not in sys.modules:
+        return
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def all_processes_agree(value: bool) -> bool:
+    """True when `value` is True on every process (a collective with several processes)."""
+    if "jax" not in sys.modules:
+        return value
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array([value]))))

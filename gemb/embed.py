@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from gemb import distributed
 from gemb.checkpoints import model_dir as model_dir_lib
 from gemb.models import encoder as encoder_lib
 from gemb.models import heads
@@ -198,8 +199,20 @@ class TextEncoder:
         for row, i in enumerate(chosen):
             tokens[row, : len(token_lists[i])] = token_lists[i]
             segments[row, : len(token_lists[i])] = 1
-        batch = self.partitioner.place_batch((tokens, segments))
-        vectors = np.asarray(self._forward(self.params, *batch))
+        layout = self.partitioner.data_layout()
+        if layout.num_shards > 1:
+            # Several processes: each feeds (and so embeds) its own block of the batch's rows,
+            # and every process gets the whole batch's vectors back.
+            per = rows // layout.num_shards
+            mine = slice(layout.shard_index * per, (layout.shard_index + 1) * per)
+            tokens, segments = tokens[mine], segments[mine]
+        embedded = self._forward(self.params, *self.partitioner.place_batch((tokens, segments)))
+        if embedded.is_fully_addressable:
+            vectors = np.asarray(embedded)
+        else:
+            from jax.experimental import multihost_utils
+
+            vectors = np.asarray(multihost_utils.process_allgather(embedded, tiled=True))
         result[chosen] = vectors[: len(chosen)]
 
 
@@ -312,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileNotFoundError) as error:
         print(f"gemb embed: {error}", file=sys.stderr)
         return 2
-    np.save(args.output, vectors)
-    print(f"wrote {vectors.shape} to {args.output} in {time.time() - start:.1f} s"
-          + (f" ({encoder.truncated_count} texts truncated)" if encoder.truncated_count else ""),
-          file=sys.stderr)
+    if distributed.is_chief():  # every process holds every vector; one writes them
+        np.save(args.output, vectors)
+        print(f"wrote {vectors.shape} to {args.output} in {time.time() - start:.1f} s"
+              + (f" ({encoder.truncated_count} texts truncated)" if encoder.truncated_count
+                 else ""), file=sys.stderr)
+    distributed.sync_processes(f"embed {args.output} written")
     return 0

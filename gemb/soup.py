@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from gemb import distributed
 from gemb.checkpoints import model_dir as model_dir_lib
 from gemb.models import encoder as encoder_lib
 from gemb.models.config import EncoderConfig
@@ -146,16 +147,20 @@ def make_soup(ingredients: Sequence[Ingredient], out_dir: str | Path,
         del params
         log.info("soup: added %s (weight %.4f) in %.1f s [%d/%d]", ingredient.label, weight,
                  time.time() - started, index + 1, len(ingredients))
-    soup = jax.tree.map(lambda p, dtype: np.asarray(jax.device_get(p)).astype(dtype), total,
-                        dtypes)
+    # Cast back on the devices, in place: the soup is written shard by shard (every process
+    # its own), never gathered into one host's memory.
+    soup = jax.jit(lambda tree: jax.tree.map(lambda p, dtype: p.astype(dtype), tree, dtypes),
+                   donate_argnums=0)(total)
     metadata = {"source": "gemb soup", "ingredients": [
         {"source": str(i.source), "step": i.step, "weight": w}
         for i, w in zip(ingredients, weights)]}
     model_dir_lib.save_model_dir(out_dir, target, soup, metadata)
-    sources = [tokenizer_from] if tokenizer_from else [i.source for i in ingredients]
-    if not any(model_dir_lib.copy_tokenizer(source, out_dir) for source in sources):
-        log.warning("soup: no tokenizer file found in %s; copy tokenizer.model into %s before "
-                    "gemb embed can read it.", [str(s) for s in sources], out_dir)
+    if distributed.is_chief():
+        sources = [tokenizer_from] if tokenizer_from else [i.source for i in ingredients]
+        if not any(model_dir_lib.copy_tokenizer(source, out_dir) for source in sources):
+            log.warning("soup: no tokenizer file found in %s; copy tokenizer.model into %s "
+                        "before gemb embed can read it.", [str(s) for s in sources], out_dir)
+    distributed.sync_processes(f"soup {out_dir}: tokenizer copied")
     return out_dir
 
 

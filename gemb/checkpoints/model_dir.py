@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gemb import distributed
 from gemb.models.config import AttentionType, EncoderConfig, TransformerConfig
 
 CONFIG_FILENAME = "gemb_model.json"
@@ -43,18 +44,32 @@ def encoder_config_from_dict(data: dict[str, Any]) -> EncoderConfig:
     return EncoderConfig(transformer=TransformerConfig(**transformer), **rest)
 
 
+CHUNK_BYTES = 16 * 2**20
+
+
 def save_model_dir(out_dir: str | os.PathLike, config: EncoderConfig, params: Any,
                    metadata: dict[str, Any]) -> Path:
+    """Writes a model folder. `params` are numpy arrays or jax.Arrays; sharded jax.Arrays are
+    written shard by shard (in a multi-process job every process calls this, each writes its
+    own shards, and process 0 writes the config), so no host gathers the whole tree."""
     out_dir = Path(out_dir).absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
     params_dir = out_dir / PARAMS_DIRNAME
     if params_dir.exists():
         raise FileExistsError(f"{params_dir} already exists; choose a new --out folder or delete it.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = jax.tree_util.tree_map(
+        lambda x: x if isinstance(x, jax.Array) else np.asarray(x), params)
+    # Stored in chunks of at most CHUNK_BYTES: a process that loads only its shards of a big
+    # matrix (init_from on a sharded mesh) then reads those chunks, not the whole array.
+    save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES),
+                                       params)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(params_dir, jax.tree_util.tree_map(np.asarray, params))
+    checkpointer.save(params_dir, params, save_args=save_args)
     checkpointer.wait_until_finished()
-    record = {"encoder": encoder_config_to_dict(config), **metadata}
-    (out_dir / CONFIG_FILENAME).write_text(json.dumps(record, indent=2) + "\n")
+    if distributed.is_chief():
+        record = {"encoder": encoder_config_to_dict(config), **metadata}
+        (out_dir / CONFIG_FILENAME).write_text(json.dumps(record, indent=2) + "\n")
+    distributed.sync_processes(f"gemb model folder {out_dir}")
     return out_dir
 
 
@@ -79,7 +94,12 @@ def load_params(model_dir: str | os.PathLike, abstract_params: Any | None = None
     checkpointer = ocp.StandardCheckpointer()
     try:
         if abstract_params is None:
-            return checkpointer.restore(params_dir)
+            # Onto this process's first device: a folder written from sharded arrays (another
+            # mesh, other processes) records their topology, which this one need not have.
+            local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            saved = ocp.PyTreeCheckpointer().metadata(params_dir).item_metadata.tree
+            abstract_params = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), saved)
         return checkpointer.restore(params_dir, abstract_params)
     except Exception as error:
         raise ValueError(

@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
+from gemb import distributed
+
 QUERY = "query"
 DOCUMENT = "document"
 ROLES = (QUERY, DOCUMENT)
@@ -205,10 +207,14 @@ class EmbeddingCache:
     def embed(self, encoder: Union[Encoder, EncodeFn], texts: Sequence[str], role: str,
               task: Optional[str] = None) -> np.ndarray:
         path = self._path(texts, role, task)
-        if path.exists():
+        # In a multi-process job every process must take the same branch (encoding is a
+        # collective), so the file counts as cached only when every process sees it.
+        if distributed.all_processes_agree(path.exists()):
             return check_embeddings(np.load(path), len(texts), source=f"cache file {path}")
         embeddings = embed(encoder, texts, role, task=task)
-        self.store(texts, role, task, embeddings)
+        if distributed.is_chief():
+            self.store(texts, role, task, embeddings)
+        distributed.sync_processes(f"embedding cache {path}")
         return embeddings
 
     def store(self, texts: Sequence[str], role: str, task: Optional[str],

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TextIO, Union
 
+from gemb import distributed
 from gemb.eval import encoders
 from gemb.eval.tasks import Task
 
@@ -63,7 +64,8 @@ def run_tasks(encoder: Any, tasks: Sequence[Task], *, model_name: str,
     (unless stop_on_error)."""
     batched = encoders.BatchedEncoder(encoder, batch_size=batch_size,
                                       show_progress=show_progress, name=model_name)
-    output = Path(output_dir) if output_dir is not None else None
+    # In a multi-process job every process scores every task; process 0 writes the files.
+    output = Path(output_dir) if output_dir is not None and distributed.is_chief() else None
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
     results = []
@@ -165,7 +167,9 @@ def print_main_scores(results: Sequence[TaskResult], stream: Optional[TextIO] = 
 
 
 def write_table(output_dir: Union[str, Path], table: str) -> Path:
+    """Writes the table (process 0 of a multi-process job; the others only return the path)."""
     path = Path(output_dir) / RESULTS_TABLE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(table)
+    if distributed.is_chief():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(table)
     return path

@@ -26,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 
+from gemb import distributed
 from gemb.checkpoints import model_dir as model_dir_lib
 from gemb.export import hf
 
@@ -90,7 +91,12 @@ def export(model_dir: str | Path, out_dir: str | Path, *, fmt: str = "sentence-t
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new --out folder.")
     hf.hf_text_config(transformer)  # refuse an inexpressible model before writing anything
 
+    # Every process of a multi-process job reads the params (orbax restores collectively);
+    # process 0 writes the folder, once every process has passed the checks above.
     params = model_dir_lib.load_params(model_dir)
+    distributed.sync_processes(f"export {out_dir}: checked")
+    if not distributed.is_chief():
+        return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         hf.write_hf_model(out_dir, transformer, params["transformer"], dtype)
@@ -185,13 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # In a multi-process job process 0 writes the folder; every process learns its outcome.
+    failure = None
     try:
         out = export(args.model, args.out, fmt=args.format, dim=args.dim,
                      head=args.head != "none", dtype=args.dtype, max_length=args.max_length)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"gemb export: error: {error}", file=sys.stderr)
+        failure = f"gemb export: error: {error}"
+    if not distributed.all_processes_agree(failure is None):
+        print(failure or "gemb export: error: process 0 failed to export; see its output.",
+              file=sys.stderr)
         return 1
-    print(f"Exported {args.model} to {out} ({args.format}).")
+    if distributed.is_chief():
+        print(f"Exported {args.model} to {out} ({args.format}).")
     return 0
 
 

@@ -436,9 +436,11 @@ def verified_meta(meta: Mapping[str, Any], where: Path) -> dict[str, Any]:
 
 
 def verify_restored(state_tree: Any, data_state: Mapping[str, Any] | None,
-                    meta: Mapping[str, Any], where: Path, prefix: str = "") -> None:
-    """Checks restored arrays (all of them, or the subtree under `prefix`) and the data state
-    against the checksums saved in `meta`; CheckpointDamaged names what differs."""
+                    meta: Mapping[str, Any], where: Path, prefix: str = "",
+                    partial: bool = False) -> None:
+    """Checks restored arrays (all of them, or the subtree under `prefix`; with `partial`, just
+    the ones read) and the data state against the checksums saved in `meta`;
+    CheckpointDamaged names what differs."""
     saved = meta.get("checksums")
     if saved is None:
         log.warning("%s was written without checksums (an older gemb); restored unverified.", where)
@@ -446,6 +448,8 @@ def verify_restored(state_tree: Any, data_state: Mapping[str, Any] | None,
     expected = {name: value for name, value in saved["state"].items()
                 if name.startswith(prefix)}
     actual = {prefix + name: value for name, value in checksums.tree_checksums(state_tree).items()}
+    if partial:
+        expected = {name: value for name, value in expected.items() if name in actual}
     problems = checksums.mismatches(expected, actual)
     if data_state is not None and checksums.record_digest(dict(data_state)) != saved["data"]:
         problems.append("data: the data iterator's state does not match its digest")
@@ -556,8 +560,13 @@ def load_init_params(source: str | Path, abstract_encoder_params: Any,
                      renames: Sequence[tuple[str, str]] = (), target_config=None,
                      step: int | None = None) -> Any:
     """Encoder params from a converted model folder or a run directory, placed like
-    `abstract_encoder_params` (ShapeDtypeStructs with shardings). Only params are read.
-    From a run directory, `step` picks the checkpoint (default: the newest).
+    `abstract_encoder_params` (ShapeDtypeStructs with shardings). From a run directory, `step`
+    picks the checkpoint (default: the newest).
+
+    Only the params this model uses are read (no optimiser state), each straight into its
+    sharding: every process reads just the shards its devices hold, so no host ever holds the
+    whole tree (a 27B model in fp32 is ~108 GB). The one exception is a model folder whose
+    layer stacking (scan_layers) differs from this model's: re-stacking happens in host memory.
 
     `renames` rewrite the SOURCE's parameter paths ("transformer/embedder/input_embedding")
     before matching them to this model's.
@@ -565,60 +574,133 @@ def load_init_params(source: str | Path, abstract_encoder_params: Any,
     from gemb.checkpoints import model_dir as model_dir_lib
 
     source = Path(source)
+    where = f"init_from={str(source)!r}"
     if not source.exists():
         raise FileNotFoundError(
-            f"init_from={str(source)!r} does not exist. Give a model folder written by "
+            f"{where} does not exist. Give a model folder written by "
             "`gemb convert --from ... --out DIR`, or a training run directory.")
+    wanted = {"/".join(k): v for k, v in
+              traverse_util.flatten_dict(abstract_encoder_params).items()}
     if (source / model_dir_lib.CONFIG_FILENAME).is_file():
         if step is not None:
             raise ValueError(f"{str(source)!r} is a model folder: it holds one set of params, "
                              f"not steps; drop the step ({step}).")
-        params_dir = source / model_dir_lib.PARAMS_DIRNAME
+        params_dir = (source / model_dir_lib.PARAMS_DIRNAME).absolute()
         source_config, _ = model_dir_lib.read_model_config(source)
+        if (target_config is not None and source_config.transformer.scan_layers
+                != target_config.transformer.scan_layers):
+            return _load_relayout(source, params_dir, source_config, target_config, wanted,
+                                  renames)
+        checkpointer = ocp.PyTreeCheckpointer()
 
-        def read_tree():
-            tree = ocp.StandardCheckpointer().restore(params_dir.absolute())
-            return relayout_layers(tree, source_config, target_config)
+        def saved_metadata():
+            return checkpointer.metadata(params_dir).item_metadata.tree
+
+        def restore(target):
+            return checkpointer.restore(params_dir, args=_partial_restore_args(target))
     elif (source / CHECKPOINTS_DIRNAME).is_dir() or source.name == CHECKPOINTS_DIRNAME:
         manager, step = open_run_step(source, step)
+        step_dir = manager.directory / str(step)
 
-        def read_tree():
+        def saved_metadata():
+            tree = ocp.PyTreeCheckpointer().metadata(step_dir / "state").item_metadata.tree
+            return tree["params"]["encoder"]
+
+        def restore(target):
             restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-            meta = verified_meta(dict(restored["meta"]), manager.directory / str(step) / "meta")
+                state=_partial_restore_args({"params": {"encoder": target}}),
+                meta=ocp.args.JsonRestore()))
+            meta = verified_meta(dict(restored["meta"]), step_dir / "meta")
             params = restored["state"]["params"]["encoder"]
-            verify_restored(params, None, meta, manager.directory / str(step),
-                            prefix="params/encoder/")
+            verify_restored(params, None, meta, step_dir, prefix="params/encoder/",
+                            partial=True)
             return params
     else:
         raise FileNotFoundError(
-            f"init_from={str(source)!r} is neither a gemb model folder (no "
-            f"{model_dir_lib.CONFIG_FILENAME}) nor a run directory (no {CHECKPOINTS_DIRNAME}/).")
+            f"{where} is neither a gemb model folder (no {model_dir_lib.CONFIG_FILENAME}) nor "
+            f"a run directory (no {CHECKPOINTS_DIRNAME}/).")
     try:
-        tree = read_tree()
+        saved = {"/".join(k): v for k, v in
+                 traverse_util.flatten_dict(saved_metadata()).items()}
     except Exception as error:
-        raise ValueError(f"init_from={str(source)!r}: cannot read its parameters "
+        raise ValueError(f"{where}: cannot read its parameters' metadata "
+                         f"({type(error).__name__}: {error}).") from error
+    source_of = _match_params(where, saved, wanted, renames)
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # specs without one
+    # Read in the saved dtype (the checksums are of the saved bytes), cast on the devices.
+    target = traverse_util.unflatten_dict({
+        tuple(source_of[name].split("/")): jax.ShapeDtypeStruct(
+            spec.shape, saved[source_of[name]].dtype, sharding=spec.sharding or local)
+        for name, spec in wanted.items()})
+    try:
+        tree = restore(target)
+    except CheckpointDamaged:
+        raise
+    except Exception as error:
+        raise ValueError(f"{where}: cannot read its parameters "
                          f"({type(error).__name__}: {error}).") from error
     flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
-    flat = apply_renames(flat, renames)
-    wanted = {"/".join(k): v for k, v in traverse_util.flatten_dict(abstract_encoder_params).items()}
-    missing = sorted(set(wanted) - set(flat))
+    out = {name: _cast(flat[source_of[name]], spec) for name, spec in wanted.items()}
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
+
+
+def _partial_restore_args(target: Any) -> ocp.args.PyTreeRestore:
+    """Restore exactly `target`'s leaves (ShapeDtypeStructs with shardings), nothing else."""
+    return ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)
+
+
+def _cast(value: jax.Array, spec: jax.ShapeDtypeStruct) -> jax.Array:
+    if value.dtype == spec.dtype:
+        return value
+    return jax.jit(lambda x: x.astype(spec.dtype), out_shardings=spec.sharding or value.sharding)(value)
+
+
+def _match_params(where: str, saved: Mapping[str, Any], wanted: Mapping[str, Any],
+                  renames: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """{this model's param name: the source's name} after `renames`; shapes checked."""
+    renamed = apply_renames({name: name for name in saved}, renames)  # new name -> saved name
+    missing = sorted(set(wanted) - set(renamed))
     if missing:
         raise ValueError(
-            f"init_from={str(source)!r} lacks parameters this model needs: {missing[:5]} "
-            f"({len(missing)} in all); it has e.g. {sorted(flat)[:5]}. Use init_renames to map "
-            "names, or check that the model config matches the checkpoint.")
-    unused = sorted(set(flat) - set(wanted))
+            f"{where} lacks parameters this model needs: {missing[:5]} ({len(missing)} in "
+            f"all); it has e.g. {sorted(renamed)[:5]}. Use init_renames to map names, or check "
+            "that the model config matches the checkpoint.")
+    unused = sorted(set(renamed) - set(wanted))
     if unused:
         log.warning("init_from: %d source parameters are not used by this model, e.g. %s",
                     len(unused), unused[:5])
-    out = {}
     for name, spec in wanted.items():
-        value = flat[name]
-        if tuple(value.shape) != tuple(spec.shape):
+        shape = tuple(saved[renamed[name]].shape)
+        if shape != tuple(spec.shape):
             raise ValueError(
-                f"init_from={str(source)!r}: parameter {name} has shape {tuple(value.shape)} but "
-                f"this model needs {tuple(spec.shape)}; the checkpoint belongs to another model "
-                "size or head.")
-        out[name] = jax.device_put(np.asarray(value, dtype=spec.dtype), spec.sharding)
+                f"{where}: parameter {name} has shape {shape} but this model needs "
+                f"{tuple(spec.shape)}; the checkpoint belongs to another model size or head.")
+    return {name: renamed[name] for name in wanted}
+
+
+def place_host_array(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array every process holds whole -> a global array: each process copies just its
+    devices' shards (jax.device_put would first compare the whole array across processes)."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _load_relayout(source: Path, params_dir: Path, source_config, target_config,
+                   wanted: Mapping[str, Any], renames) -> Any:
+    """A model folder stacked otherwise than this model (scan_layers): read whole, re-stack on
+    the host, then place."""
+    where = f"init_from={str(source)!r}"
+    log.warning("%s: its layers are stacked otherwise (scan_layers) than this model's; "
+                "re-stacking them in host memory (the whole tree).", where)
+    try:
+        tree = relayout_layers(ocp.StandardCheckpointer().restore(params_dir), source_config,
+                               target_config)
+    except Exception as error:
+        raise ValueError(f"{where}: cannot read its parameters "
+                         f"({type(error).__name__}: {error}).") from error
+    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+    source_of = _match_params(where, flat, wanted, renames)
+    out = {name: place_host_array(np.asarray(flat[source_of[name]], dtype=spec.dtype),
+                                  spec.sharding) for name, spec in wanted.items()}
     return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})

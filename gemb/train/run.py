@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import jax
-import numpy as np
 
+from gemb import distributed
 from gemb.data.feature_converter import num_tokens
 from gemb.losses import ContrastiveLossConfig
 from gemb.models.config import EncoderConfig
@@ -130,7 +130,7 @@ def train(
                         "gemb.train.data.TrainingData (SeqioData, SyntheticData or your own "
                         "subclass).")
     model_dir = Path(model_dir)
-    is_chief = jax.process_index() == 0
+    is_chief = distributed.is_chief()
 
     # 1. Everything that can be wrong with the configuration fails here, before any compute.
     partitioner = (partitioner or default_partitioner)()
@@ -338,7 +338,7 @@ def train(
         for key in sorted(after):
             print(f"  {key:<36} {before.get(key, float('nan')):.4f} -> {after[key]:.4f}",
                   flush=True)
-    if export and int(state.step) == num_steps and is_chief:
+    if export and int(state.step) == num_steps:
         if not guard.last_step_finite:
             raise TrainingDiverged(f"not exporting {model_dir / 'export'}: the last step "
                                    f"({num_steps}) was not finite.")
@@ -436,15 +436,18 @@ def _kill_self(ckpt: checkpointing.RunCheckpointer, step: int) -> None:
 
 
 def export_model_dir(out: Path, encoder: EncoderConfig, encoder_params, tokenizer_dir) -> Path:
-    """The trained params as a model folder (gemb embed / gemb eval read it)."""
+    """The trained params as a model folder (gemb embed / gemb eval read it). Every process
+    calls it: each writes its own shards of the params, process 0 the config and tokenizer."""
     from gemb.checkpoints import model_dir as model_dir_lib
 
-    if out.exists():
+    if distributed.is_chief() and out.exists():
         shutil.rmtree(out)
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), encoder_params)
-    model_dir_lib.save_model_dir(out, encoder, host, {"source": "gemb train"})
-    model_dir_lib.copy_tokenizer(tokenizer_dir, out)
-    print(f"Exported the trained model to {out}", flush=True)
+    distributed.sync_processes(f"export {out}: old folder removed")
+    model_dir_lib.save_model_dir(out, encoder, encoder_params, {"source": "gemb train"})
+    if distributed.is_chief():
+        model_dir_lib.copy_tokenizer(tokenizer_dir, out)
+        print(f"Exported the trained model to {out}", flush=True)
+    distributed.sync_processes(f"export {out}: tokenizer copied")
     return out
 
 

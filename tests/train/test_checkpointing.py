@@ -90,6 +90,27 @@ def test_init_from_model_folder_with_renames_and_unscanned_layout(tmp_path):
         params["transformer"]["scanned_layers"]["layer_1"]["mlp"]["linear"][0])
 
 
+def test_init_from_a_run_reads_params_straight_into_their_shardings(tmp_path):
+    """From a run directory: only params/encoder is read (partial restore), each leaf into
+    its fsdp sharding and cast on the devices."""
+    _, _, saved = save_checkpoints(tmp_path, {2})
+    fsdp = partitioner_for((1, 8, 1), 8)
+    bf16 = SMALL.replace(transformer=SMALL.transformer.replace(param_dtype="bfloat16"))
+    layout, _, _ = build(fsdp, encoder=bf16)
+    abstract = layout.abstract_params["encoder"]
+    loaded = checkpointing.load_init_params(tmp_path, abstract, target_config=bf16)
+    flat = dict(jax.tree_util.tree_leaves_with_path(loaded))
+    specs = dict(jax.tree_util.tree_leaves_with_path(abstract))
+    sharded = 0
+    for path, value in flat.items():
+        assert value.sharding == specs[path].sharding and value.dtype == specs[path].dtype
+        sharded += not value.sharding.is_fully_replicated
+    assert sharded >= 4  # the big matrices are split over fsdp, not replicated
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+        np.asarray(a, np.float32), np.asarray(b.astype(jax.numpy.bfloat16), np.float32)),
+        loaded, saved[2]["params"]["encoder"])
+
+
 @pytest.mark.parametrize("mode,best_step", [("max", 2), ("min", 3)])
 def test_keep_best_keeps_the_best_step_beside_the_newest(tmp_path, mode, best_step):
     partitioner = partitioner_for((1, 1, 1), 1)
