@@ -262,6 +262,11 @@ def sync_processes(name: str) -> None:
 
 def all_processes_agree(value: bool) -> bool:
     """True when `value` is True on every process (a collective with several processes)."""
+    return worst_across_processes(0 if value else 1) == 0
+
+
+def worst_across_processes(value: int) -> int:
+    """The largest of every process's `value` (a collective with several processes)."""
     if "jax" not in sys.modules:
         return value
     import jax
@@ -271,4 +276,4 @@ def all_processes_agree(value: bool) -> bool:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    return bool(np.all(multihost_utils.process_allgather(np.array([value]))))
+    return int(np.max(multihost_utils.process_allgather(np.array([value], np.int32))))

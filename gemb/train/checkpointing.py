@@ -45,6 +45,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from gemb import distributed
 from gemb.train import checksums
 from gemb.train.state import TrainState
 
@@ -380,15 +381,18 @@ class RunCheckpointer:
             try:
                 meta = self.read_meta(step)
             except Exception as error:  # pylint: disable=broad-except
-                self._on_restore_failure(step, "its meta record cannot be read", error)
-                moved.append(step)
-                continue
-            if expected_meta is not None:
+                meta, failure = None, ("its meta record cannot be read", error)
+            else:
+                failure = None
+            if failure is None and expected_meta is not None:
                 check_same_model(meta, expected_meta, self.directory / str(step))
-            try:
-                result = self.restore(step, abstract_state)
-            except Exception as error:  # pylint: disable=broad-except
-                self._on_restore_failure(step, "its arrays cannot be restored", error)
+            result = None
+            if failure is None:
+                try:
+                    result = self.restore(step, abstract_state)
+                except Exception as error:  # pylint: disable=broad-except
+                    failure = ("its arrays cannot be restored", error)
+            if self._agree_on_failure(step, failure):
                 moved.append(step)
                 continue
             if moved:
@@ -408,21 +412,34 @@ class RunCheckpointer:
                   f"{corrupt}/); starting from scratch because allow_fresh_start=True.", flush=True)
         return None
 
-    def _on_restore_failure(self, step: int, what: str, error: BaseException) -> None:
-        if not is_damage(error):
+    def _agree_on_failure(self, step: int, failure: tuple[str, BaseException] | None) -> bool:
+        """Whether `step` is damaged, decided by every process together (each read only its
+        own shards, so one may see damage the others do not): any process's non-damage fault
+        stops all of them with nothing moved; any damage quarantines the step, once."""
+        kind = 0 if failure is None else 1 if is_damage(failure[1]) else 2
+        worst = distributed.worst_across_processes(kind)
+        if worst == 2:
+            what, error = failure if kind == 2 else ("another process could not restore it", None)
             raise CheckpointRestoreError(
                 f"restoring checkpoint step {step} of {self.directory} failed: {what} "
-                f"({_short(error)}). That is not damage of the checkpoint (an I/O, memory or "
-                "runtime error), so nothing was moved; fix the cause and rerun to resume from "
-                f"step {step}.") from error
-        self._quarantine(step, f"{what}: {_short(error)}")
+                f"({_short(error) if error else 'see its output'}). That is not damage of the "
+                "checkpoint (an I/O, memory or runtime error), so nothing was moved; fix the "
+                f"cause and rerun to resume from step {step}.") from error
+        if worst == 1:
+            what, error = failure or ("another process found it damaged", None)
+            self._quarantine(step, f"{what}: {_short(error)}" if error else what)
+            return True
+        return False
 
     def _quarantine(self, step: int, reason: str) -> None:
+        """Moves a damaged step aside: process 0 moves it, every process waits for that."""
         target = self.directory / CORRUPT_DIRNAME / f"{step}.{int(time.time())}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(self.directory / str(step)), str(target))
+        if distributed.is_chief():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+        distributed.sync_processes(f"checkpoint step {step} quarantined")
         message = (f"checkpoint step {step} in {self.directory} is damaged ({reason}); moved it "
-                   f"to {target} and trying the previous checkpoint.")
+                   f"to {target.parent}/ and trying the previous checkpoint.")
         print(f"WARNING: {message}", flush=True)
 
 

@@ -3,6 +3,7 @@ padded, packed and gradient-cache layouts; kill -9 of every process and a restar
 multi-process run bitwise."""
 
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -68,3 +69,19 @@ def test_kill_every_process_and_resume_is_bitwise_equal(train_run, tmp_path):
     resumed = harness.gemb(command(killed, "packed"), 2)
     assert f"from step {kill_step // 3 * 3}." in resumed[0].output, resumed[0].output
     assert harness.logged_losses(killed) == harness.logged_losses(reference)  # exact floats
+
+
+def test_damaged_newest_checkpoint_is_quarantined_once_for_all_processes(train_run, tmp_path):
+    reference, _ = train_run("packed", 2)
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    newest = run_dir / "checkpoints" / str(NUM_STEPS)
+    for path in (newest / "state").rglob("*"):  # truncate every array file of its state
+        if path.is_file() and path.stat().st_size > 0 and "metadata" not in path.name:
+            path.write_bytes(b"\0" * 3)
+    results = harness.gemb(command(run_dir, "packed"), 2)
+    for result in results:  # both processes saw the damage and moved on together
+        assert f"checkpoint step {NUM_STEPS} in" in result.output, result.output
+        assert "Resumed" in result.output and "from step 18." in result.output
+    assert len(list((run_dir / "checkpoints" / "corrupt").iterdir())) == 1  # moved once
+    assert harness.logged_losses(run_dir) == harness.logged_losses(reference)  # 19, 20 again
