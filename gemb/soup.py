@@ -21,15 +21,16 @@ import logging
 import re
 import sys
 import time
-from pathlib import Path
+import os
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import linen as nn
 
-from gemb import distributed
+from gemb import distributed, paths
 from gemb.checkpoints import model_dir as model_dir_lib
 from gemb.models import encoder as encoder_lib
 from gemb.models.config import EncoderConfig
@@ -48,7 +49,7 @@ _LAYOUT_ONLY_FIELDS = ("scan_layers", "remat_policy", "dtype", "param_dtype", "m
 class Ingredient:
     """One checkpoint of the soup: a model folder or a run directory (at `step`)."""
 
-    source: Path
+    source: epath.Path
     step: Optional[int] = None
     weight: float = 1.0
 
@@ -57,7 +58,7 @@ class Ingredient:
         """'runs/ft@3000' -> run directory runs/ft at step 3000; 'models/x' -> that folder."""
         match = re.fullmatch(r"(.+)@(\d+)", spec)
         source, step = (match.group(1), int(match.group(2))) if match else (spec, None)
-        return cls(Path(source), step, weight)
+        return cls(paths.as_path(source), step, weight)
 
     @property
     def label(self) -> str:
@@ -112,13 +113,13 @@ def check_same_architecture(configs: Sequence[tuple[str, EncoderConfig]]) -> Non
                 f"{first_label} in {differences[:5]}. Average only checkpoints of one model.")
 
 
-def make_soup(ingredients: Sequence[Ingredient], out_dir: str | Path,
+def make_soup(ingredients: Sequence[Ingredient], out_dir: str | os.PathLike,
               partitioner: Optional[partitioner_lib.Partitioner] = None,
-              tokenizer_from: Optional[str | Path] = None) -> Path:
+              tokenizer_from: Optional[str | os.PathLike] = None) -> epath.Path:
     """Writes the weighted parameter average of `ingredients` as a model folder at out_dir."""
     if not ingredients:
         raise ValueError("a soup needs at least one ingredient (--model).")
-    out_dir = Path(out_dir)
+    out_dir = paths.as_path(out_dir)
     if (out_dir / model_dir_lib.PARAMS_DIRNAME).exists():
         raise FileExistsError(f"{out_dir} already holds a model; choose a new --out folder.")
     weights = normalized_weights(ingredients)

@@ -19,6 +19,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from gemb import paths
+
 SENTENCEPIECE_FILENAME = "tokenizer.model"
 TOKENIZER_JSON_FILENAME = "tokenizer.json"
 
@@ -35,7 +37,7 @@ class Tokenizer:
     """A SentencePiece model or a tokenizer.json behind one interface."""
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
+        path = paths.as_path(path)
         if not path.exists():
             raise FileNotFoundError(
                 f"{path} does not exist; pass a tokenizer.model or tokenizer.json file "
@@ -45,6 +47,8 @@ class Tokenizer:
             raise IsADirectoryError(f"{path} is a folder; use Tokenizer.from_dir({str(path)!r}).")
         if path.suffix == ".gguf":
             raise ValueError(f"{path} is a GGUF model; use Tokenizer.from_gguf({str(path)!r}).")
+        # Both backends open files by local name: a remote tokenizer is read from a copy.
+        path = paths.local_copy(path, siblings=("tokenizer_config.json",))
         if path.suffix == ".json" or _starts_like_json(path):
             backend = _TokenizersBackend(path)
         else:
@@ -58,7 +62,7 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> Tokenizer:
         """The tokenizer of a model folder: tokenizer.model, else tokenizer.json, else its one .gguf."""
-        model_dir = Path(model_dir)
+        model_dir = paths.as_path(model_dir)
         if not model_dir.is_dir():
             raise NotADirectoryError(f"{model_dir} is not a folder; pass the folder holding the tokenizer.")
         for name in (SENTENCEPIECE_FILENAME, TOKENIZER_JSON_FILENAME):

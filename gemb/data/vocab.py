@@ -10,12 +10,12 @@ vocabularies insist that id 0 is the tokenizer's padding token.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
+from gemb import paths
 from gemb.tokenizer import Tokenizer
 
 
@@ -24,7 +24,7 @@ def gemma3_vocabulary(model_path: str | os.PathLike) -> seqio.SentencePieceVocab
 
     Rebuild one with gemb.checkpoints.gguf_tokenizer.write_sentencepiece_model(gguf, path).
     """
-    model_path = Path(model_path)
+    model_path = paths.as_path(model_path)
     if model_path.suffix == ".gguf":
         raise ValueError(
             f"{model_path} is a GGUF model, not a SentencePiece model; write its tokenizer first with "
@@ -35,7 +35,9 @@ def gemma3_vocabulary(model_path: str | os.PathLike) -> seqio.SentencePieceVocab
             f"{model_path} does not exist; pass Gemma 3's tokenizer.model (or one rebuilt from the "
             "GGUF with gemb.checkpoints.gguf_tokenizer.write_sentencepiece_model)."
         )
-    vocabulary = seqio.SentencePieceVocabulary(str(model_path))
+    # seqio opens the model with tf.io.gfile; a remote one is read from a local copy, so gs://
+    # goes through gemb's one client (gemb.paths) whether or not TensorFlow can reach it.
+    vocabulary = seqio.SentencePieceVocabulary(str(paths.local_copy(model_path)))
     pad_id = vocabulary.tokenizer.pad_id()
     if pad_id != seqio.PAD_ID:
         raise ValueError(

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from gemb import paths
 from gemb.eval import encoders, runner, tasks as tasks_lib
 
 
@@ -89,7 +90,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
     several = len(args.model) > 1
-    base_output = Path(args.output) if args.output else None
+    base_output = paths.as_path(args.output) if args.output else None
     results_by_model: dict[str, list[runner.TaskResult]] = {}
     notes: list[str] = []
     failed = False

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
-from gemb import distributed
+from gemb import distributed, paths
 
 QUERY = "query"
 DOCUMENT = "document"
@@ -191,7 +191,7 @@ class EmbeddingCache:
     """
 
     def __init__(self, directory: Union[str, os.PathLike], encoder_key: str):
-        self.directory = Path(directory)
+        self.directory = paths.as_path(directory)
         self.encoder_key = encoder_key
 
     def _path(self, texts: Sequence[str], role: str, task: Optional[str]) -> Path:
@@ -210,7 +210,9 @@ class EmbeddingCache:
         # In a multi-process job every process must take the same branch (encoding is a
         # collective), so the file counts as cached only when every process sees it.
         if distributed.all_processes_agree(path.exists()):
-            return check_embeddings(np.load(path), len(texts), source=f"cache file {path}")
+            with path.open("rb") as handle:
+                cached = np.load(handle)
+            return check_embeddings(cached, len(texts), source=f"cache file {path}")
         embeddings = embed(encoder, texts, role, task=task)
         if distributed.is_chief():
             self.store(texts, role, task, embeddings)
@@ -223,8 +225,13 @@ class EmbeddingCache:
         embeddings = check_embeddings(embeddings, len(texts), source="embeddings to cache")
         path = self._path(texts, role, task)
         self.directory.mkdir(parents=True, exist_ok=True)
+        if paths.is_remote(path):
+            with path.open("wb") as handle:  # an object appears whole, when it is closed
+                np.save(handle, embeddings)
+            return path
         partial = path.with_suffix(".partial.npy")
-        np.save(partial, embeddings)
+        with partial.open("wb") as handle:
+            np.save(handle, embeddings)
         partial.replace(path)  # atomic: a killed run never leaves a truncated cache file
         return path
 
@@ -291,14 +298,24 @@ def model_fingerprint(spec: str) -> str:
     if spec.startswith("st:"):
         path = resolve_sentence_transformers_path(spec[len("st:"):])
     else:
-        path = Path(spec).expanduser()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        path = _model_path(spec)
+    files = paths.files_under(path) if path.is_dir() else [path]
     digest = hashlib.sha256()
     for file in files:
-        stat = file.stat()
+        if paths.is_remote(file):
+            stat = file.stat()  # object storage: size and the last write's time (seconds)
+            size, mtime = stat.length, stat.mtime
+        else:
+            stat = os.stat(file)
+            size, mtime = stat.st_size, stat.st_mtime_ns
         relative = file.relative_to(path) if path.is_dir() else Path(file.name)
-        digest.update(f"{relative.as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{relative.as_posix()}\0{size}\0{mtime}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def _model_path(spec: str):
+    """A gemb model folder named on the command line: local (~ expanded) or remote (gs://)."""
+    return paths.as_path(spec if paths.is_remote(spec) else os.path.expanduser(spec))
 
 
 def load_encoder(spec: str, dim: Optional[int] = None, device: str = "cpu",
@@ -311,7 +328,7 @@ def load_encoder(spec: str, dim: Optional[int] = None, device: str = "cpu",
     if spec.startswith("st:"):
         path = resolve_sentence_transformers_path(spec[len("st:"):])
         return SentenceTransformerEncoder(path, device=device, dim=dim, name=spec)
-    path = Path(spec).expanduser()
+    path = _model_path(spec)
     if not path.exists():
         raise FileNotFoundError(
             f"--model {spec}: no such folder. Give a gemb model folder (written by gemb convert "

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TextIO, Union
 
-from gemb import distributed
+from gemb import distributed, paths
 from gemb.eval import encoders
 from gemb.eval.tasks import Task
 
@@ -65,7 +65,8 @@ def run_tasks(encoder: Any, tasks: Sequence[Task], *, model_name: str,
     batched = encoders.BatchedEncoder(encoder, batch_size=batch_size,
                                       show_progress=show_progress, name=model_name)
     # In a multi-process job every process scores every task; process 0 writes the files.
-    output = Path(output_dir) if output_dir is not None and distributed.is_chief() else None
+    output = (paths.as_path(output_dir) if output_dir is not None and distributed.is_chief()
+              else None)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
     results = []
@@ -106,7 +107,7 @@ def run_tasks(encoder: Any, tasks: Sequence[Task], *, model_name: str,
 
 def read_results(output_dir: Union[str, Path]) -> tuple[str, list[TaskResult]]:
     """(model name, results) from a folder run_tasks wrote, e.g. on another machine."""
-    output_dir = Path(output_dir)
+    output_dir = paths.as_path(output_dir)
     if not output_dir.is_dir():
         raise FileNotFoundError(f"{output_dir} is not a results folder (gemb eval --output).")
     models, results = [], []
@@ -168,7 +169,7 @@ def print_main_scores(results: Sequence[TaskResult], stream: Optional[TextIO] = 
 
 def write_table(output_dir: Union[str, Path], table: str) -> Path:
     """Writes the table (process 0 of a multi-process job; the others only return the path)."""
-    path = Path(output_dir) / RESULTS_TABLE
+    path = paths.as_path(output_dir) / RESULTS_TABLE
     if distributed.is_chief():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(table)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Mapping
 
 import ml_dtypes
 import numpy as np
 
+from gemb import paths
 from gemb.checkpoints import layout
 from gemb.models.config import AttentionType, TransformerConfig
 
@@ -31,7 +31,7 @@ EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> Path:
     """One .safetensors file (the inverse of gemb.checkpoints.import_hf.read_safetensors)."""
-    path = Path(path)
+    path = paths.as_path(path)
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     arrays = []
@@ -46,13 +46,16 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
         arrays.append(array)
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the body to 8 bytes
-    partial = path.with_suffix(".partial")
+    # Locally written beside, then renamed: a killed export never leaves a truncated
+    # model.safetensors. An object on gs:// appears only when complete, so it is written in place.
+    partial = path if paths.is_remote(path) else path.with_suffix(".partial")
     with partial.open("wb") as handle:
         handle.write(len(encoded).to_bytes(8, "little"))
         handle.write(encoded)
         for array in arrays:
             handle.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-    partial.replace(path)  # a killed export never leaves a truncated model.safetensors
+    if partial != path:
+        partial.replace(path)
     return path
 
 
@@ -109,7 +112,7 @@ def write_hf_tokenizer(model_dir: Path, out_dir: Path, max_length: int) -> None:
               "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
               "model_max_length": max_length}
     if (model_dir / "tokenizer.model").is_file():
-        shutil.copy(model_dir / "tokenizer.model", out_dir / "tokenizer.model")
+        (out_dir / "tokenizer.model").write_bytes((model_dir / "tokenizer.model").read_bytes())
         # SentencePiece never matches control pieces in text; transformers would, unless told.
         config.update(tokenizer_class="GemmaTokenizer", split_special_tokens=True)
     elif (model_dir / "tokenizer.json").is_file():

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from gemb import distributed
+from gemb import distributed, paths
 from gemb.checkpoints import model_dir as model_dir_lib
 from gemb.export import hf
 
@@ -68,7 +67,7 @@ def export(model_dir: str | Path, out_dir: str | Path, *, fmt: str = "sentence-t
 
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}; use one of {FORMATS}.")
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir, out_dir = paths.as_path(model_dir), paths.as_path(out_dir)
     config, _ = model_dir_lib.read_model_config(model_dir)
     transformer = config.transformer
     max_length = max_length or min(DEFAULT_MAX_LENGTH, transformer.max_length)
@@ -105,9 +104,16 @@ def export(model_dir: str | Path, out_dir: str | Path, *, fmt: str = "sentence-t
             _write_sentence_transformers_modules(out_dir, model_dir, config, params, dim, head,
                                                  dtype, max_length)
     except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)  # no half-written export left behind
+        _remove_quietly(out_dir)  # no half-written export left behind
         raise
     return out_dir
+
+
+def _remove_quietly(folder) -> None:
+    try:
+        paths.rmtree(folder)
+    except OSError:
+        pass
 
 
 def _write_sentence_transformers_modules(out_dir: Path, model_dir: Path, config, params,

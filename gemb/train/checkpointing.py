@@ -45,7 +45,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from gemb import distributed
+from gemb import distributed, paths
 from gemb.train import checksums
 from gemb.train.state import TrainState
 
@@ -130,6 +130,8 @@ def _short(error: BaseException, limit: int = 300) -> str:
 
 def free_space(path: Path) -> str:
     """'1.2 GiB free' on the filesystem of `path` (or of its nearest existing parent)."""
+    if paths.is_remote(path):
+        return "remote storage"
     path = Path(path)
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -225,7 +227,7 @@ class RunCheckpointer:
     """Saves and restores one run's checkpoints under MODEL_DIR/checkpoints."""
 
     def __init__(self, model_dir: str | Path, config: CheckpointConfig = CheckpointConfig()):
-        self.model_dir = Path(model_dir).absolute()
+        self.model_dir = paths.absolute(model_dir)
         self.directory = self.model_dir / CHECKPOINTS_DIRNAME
         self.config = config
         self._pending_step: int | None = None  # an async save not yet known to have finished
@@ -436,7 +438,7 @@ class RunCheckpointer:
         target = self.directory / CORRUPT_DIRNAME / f"{step}.{int(time.time())}"
         if distributed.is_chief():
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self.directory / str(step)), str(target))
+            _move_folder(self.directory / str(step), target)
         distributed.sync_processes(f"checkpoint step {step} quarantined")
         message = (f"checkpoint step {step} in {self.directory} is damaged ({reason}); moved it "
                    f"to {target.parent}/ and trying the previous checkpoint.")
@@ -545,9 +547,9 @@ def open_run_step(source: str | Path, step: int | None = None
                   ) -> tuple[ocp.CheckpointManager, int]:
     """A read-only manager of a run directory (or its checkpoints/ folder) and the step to read:
     `step`, or the newest; a missing step is an error listing the ones there are."""
-    source = Path(source)
+    source = paths.absolute(source)
     ckpt_dir = source if source.name == CHECKPOINTS_DIRNAME else source / CHECKPOINTS_DIRNAME
-    manager = ocp.CheckpointManager(ckpt_dir.absolute(), item_names=("state", "data", "meta"),
+    manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data", "meta"),
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     available = sorted(manager.all_steps())
     if not available:
@@ -590,7 +592,7 @@ def load_init_params(source: str | Path, abstract_encoder_params: Any,
     """
     from gemb.checkpoints import model_dir as model_dir_lib
 
-    source = Path(source)
+    source = paths.absolute(source)
     where = f"init_from={str(source)!r}"
     if not source.exists():
         raise FileNotFoundError(
@@ -602,7 +604,7 @@ def load_init_params(source: str | Path, abstract_encoder_params: Any,
         if step is not None:
             raise ValueError(f"{str(source)!r} is a model folder: it holds one set of params, "
                              f"not steps; drop the step ({step}).")
-        params_dir = (source / model_dir_lib.PARAMS_DIRNAME).absolute()
+        params_dir = source / model_dir_lib.PARAMS_DIRNAME
         source_config, _ = model_dir_lib.read_model_config(source)
         if (target_config is not None and source_config.transformer.scan_layers
                 != target_config.transformer.scan_layers):
@@ -721,3 +723,14 @@ def _load_relayout(source: Path, params_dir: Path, source_config, target_config,
     out = {name: place_host_array(np.asarray(flat[source_of[name]], dtype=spec.dtype),
                                   spec.sharding) for name, spec in wanted.items()}
     return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
+
+
+def _move_folder(source, target) -> None:
+    """Moves a folder: a rename on a local disk; on object storage (no folders to rename) a
+    copy of every object, then the source's removal."""
+    if not paths.is_remote(source):
+        shutil.move(str(source), str(target))
+        return
+    for file in paths.files_under(source):
+        (target / file.relative_to(source)).write_bytes(file.read_bytes())
+    paths.rmtree(source)

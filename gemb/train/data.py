@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Protocol
 
 import numpy as np
 
+from gemb import paths
 from gemb.data.feature_converter import (
     FeatureConverter,
     FeatureConverterConfig,
@@ -215,7 +215,7 @@ class SeqioData(TrainingData):
         if self.vocabulary_dir is None:
             raise ValueError("SeqioData.vocabulary_dir is not set; bind it to the model folder "
                              "holding tokenizer.model (e.g. the init_from folder).")
-        path = Path(self.vocabulary_dir)
+        path = paths.as_path(self.vocabulary_dir)
         if path.is_dir():
             for name in ("tokenizer.model", "tokenizer.json"):
                 if (path / name).is_file():

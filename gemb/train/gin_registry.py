@@ -11,7 +11,6 @@ import no gin; their knobs are fields of these objects.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import gin
@@ -59,14 +58,12 @@ def converted_model(name: str = "gemma3-270m", folder: Optional[str] = None) -> 
     """The model folder of an embedded model, converted into the cache on first use."""
     from gemb.checkpoints import convert, model_dir
 
-    out = Path(folder) if folder else paths.cache_dir() / "models" / name
+    out = paths.as_path(folder) if folder else paths.as_path(paths.cache_dir() / "models" / name)
     if (out / model_dir.CONFIG_FILENAME).is_file() and (out / model_dir.PARAMS_DIRNAME).is_dir():
         return str(out)
     if out.exists():
         log.warning("%s is incomplete; converting again", out)
-        import shutil
-
-        shutil.rmtree(out)
+        paths.rmtree(out)
     print(f"Converting {name} into {out} (once) ...", flush=True)
     convert.convert(name, out)
     return str(out)

@@ -18,7 +18,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import gin
@@ -120,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if jax.process_index() == 0:
         # Now every configurable has been called: the operative config is complete.
-        Path(result["model_dir"], OPERATIVE_CONFIG).write_text(gin.operative_config_str())
+        paths.as_path(result["model_dir"]).joinpath(OPERATIVE_CONFIG).write_text(gin.operative_config_str())
     print(f"Done: step {result['final_step']} in {result['wall_seconds'] / 60:.1f} min.", flush=True)
     return 0
 

@@ -7,6 +7,7 @@ needs neither TensorFlow nor torch (docs/design.md, convention 10).
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 import logging
@@ -18,6 +19,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from gemb import paths
 from gemb.progress import format_duration
 
 log = logging.getLogger(__name__)
@@ -38,11 +40,12 @@ class TensorBoardWriter:
         from tensorboard.compat.proto import event_pb2
         from tensorboard.summary.writer.record_writer import RecordWriter
 
-        Path(logdir).mkdir(parents=True, exist_ok=True)
+        logdir = paths.as_path(logdir)
+        logdir.mkdir(parents=True, exist_ok=True)
         name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
                 f"{os.getpid()}.{next(_WRITER_IDS)}")
-        self.path = Path(logdir) / name
-        self._records = RecordWriter(self.path.open("wb"))
+        self.path = logdir / name
+        self._records = RecordWriter(_open_for_appending(self.path, b""))
         self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
         self.flush()
 
@@ -90,38 +93,95 @@ class TensorBoardWriter:
 
 def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """{tag: [(step, value), ...]} from the event files of a folder (for tests and scripts)."""
-    from tensorboard.backend.event_processing import event_file_loader
-
     out: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
-        for event in event_file_loader.EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    out.setdefault(value.tag, []).append((event.step, value.simple_value))
-                elif value.metadata.plugin_data.plugin_name == "scalars":
-                    out.setdefault(value.tag, []).append(
-                        (event.step, float(np.frombuffer(value.tensor.tensor_content, np.float32)[0])
-                         if value.tensor.tensor_content else float(value.tensor.float_val[0])))
+    for path in sorted(paths.as_path(logdir).glob("events.out.tfevents.*")):
+        if paths.is_remote(path):
+            import tempfile
+
+            with tempfile.NamedTemporaryFile(suffix=path.name) as local:
+                local.write(path.read_bytes())
+                local.flush()
+                _read_scalars_file(local.name, out)
+        else:
+            _read_scalars_file(str(path), out)
     return out
 
 
+def _read_scalars_file(path: str, out: dict[str, list[tuple[int, float]]]) -> None:
+    from tensorboard.backend.event_processing import event_file_loader
+
+    for event in event_file_loader.EventFileLoader(path).Load():
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+            elif value.metadata.plugin_data.plugin_name == "scalars":
+                out.setdefault(value.tag, []).append(
+                    (event.step, float(np.frombuffer(value.tensor.tensor_content, np.float32)[0])
+                     if value.tensor.tensor_content else float(value.tensor.float_val[0])))
+
+
 def open_metrics_file(path: Path, keep_through_step: int):
-    """The run's JSONL metrics file opened for appending, after dropping the records of steps
-    after `keep_through_step` (those a resumed run trains again). Rewritten atomically, so a
-    crash here leaves the old file."""
-    path = Path(path)
+    """The run's JSONL metrics file opened for appending (text), after dropping the records of
+    steps after `keep_through_step` (those a resumed run trains again). Rewritten atomically,
+    so a crash here leaves the old file."""
+    path = paths.as_path(path)
+    kept = ""
     if path.exists():
-        kept = []
+        lines = []
         for line in path.read_text().splitlines():
             try:
                 if int(json.loads(line)["step"]) <= keep_through_step:
-                    kept.append(line)
+                    lines.append(line)
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a kill -9 mid-write
-        staging = path.with_name(path.name + ".tmp")
-        staging.write_text("".join(line + "\n" for line in kept))
-        os.replace(staging, path)
+        kept = "".join(line + "\n" for line in lines)
+        if not paths.is_remote(path):
+            staging = path.with_name(path.name + ".tmp")
+            staging.write_text(kept)
+            os.replace(staging, path)
+    if paths.is_remote(path):
+        return io.TextIOWrapper(_open_for_appending(path, kept.encode()), encoding="utf-8",
+                                write_through=True)
     return path.open("a")
+
+
+def _open_for_appending(path, content: bytes):
+    """A binary file to append to: a local file, or on object storage a WholeObjectFile."""
+    if paths.is_remote(path):
+        return WholeObjectFile(path, content)
+    return path.open("wb")
+
+
+class WholeObjectFile(io.RawIOBase):
+    """An append-only log on object storage (gs://), which cannot append to an object: the
+    content is kept in memory and every flush uploads all of it again, as TensorFlow's GCS
+    writer does. Meant for a run's small logs (metrics lines, TensorBoard scalars), which a
+    viewer can follow while the run goes on."""
+
+    def __init__(self, path, content: bytes = b""):
+        super().__init__()
+        self.path = path
+        self._content = bytearray(content)
+        self._flushed_size = -1
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._content += data
+        return len(data)
+
+    def flush(self) -> None:
+        if self.closed or self._flushed_size == len(self._content):
+            return
+        with self.path.open("wb") as handle:
+            handle.write(bytes(self._content))
+        self._flushed_size = len(self._content)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+        super().close()
 
 
 @dataclasses.dataclass

@@ -12,14 +12,13 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import jax
 
-from gemb import distributed
+from gemb import distributed, paths
 from gemb.data.feature_converter import num_tokens
 from gemb.losses import ContrastiveLossConfig
 from gemb.models.config import EncoderConfig
@@ -129,14 +128,14 @@ def train(
         raise TypeError(f"train.data is a {type(data).__name__}; it must be a "
                         "gemb.train.data.TrainingData (SeqioData, SyntheticData or your own "
                         "subclass).")
-    model_dir = Path(model_dir)
+    model_dir = paths.as_path(model_dir)
     is_chief = distributed.is_chief()
 
     # 1. Everything that can be wrong with the configuration fails here, before any compute.
     partitioner = (partitioner or default_partitioner)()
     trainer.check_batch_size(data.batch_size, step, partitioner,
                              packed=data.packed)
-    if init_from is not None and not Path(init_from).exists():
+    if init_from is not None and not paths.as_path(init_from).exists():
         raise FileNotFoundError(
             f"init_from={init_from!r} does not exist. Convert a model first (gemb convert --from "
             "gemma3-270m --out DIR) or point INIT_FROM at a run directory.")
@@ -440,8 +439,9 @@ def export_model_dir(out: Path, encoder: EncoderConfig, encoder_params, tokenize
     calls it: each writes its own shards of the params, process 0 the config and tokenizer."""
     from gemb.checkpoints import model_dir as model_dir_lib
 
+    out = paths.as_path(out)
     if distributed.is_chief() and out.exists():
-        shutil.rmtree(out)
+        paths.rmtree(out)
     distributed.sync_processes(f"export {out}: old folder removed")
     model_dir_lib.save_model_dir(out, encoder, encoder_params, {"source": "gemb train"})
     if distributed.is_chief():

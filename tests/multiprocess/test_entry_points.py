@@ -1,8 +1,10 @@
-"""Every entry point as one job of 2 JAX processes with the params sharded over both (fsdp):
+"""Every entry point as one job of 2 JAX processes with the params sharded over both (fsdp),
+with every path on gs:// (a real GCS-compatible server on 127.0.0.1, tests/gcs_emulator.py):
 train (init_from a model folder, stop, resume, eval hook, export) -> soup -> eval -> embed ->
 export. Each result is checked against what one process computes from the same files."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -36,18 +38,24 @@ def _checkpoint_params(run_dir, step, like):
     return _flat(checkpointing.load_init_params(run_dir, abstract, step=step))
 
 
-def test_train_soup_eval_embed_export_across_two_processes(tmp_path_factory, tmp_path):
+def test_train_soup_eval_embed_export_across_two_processes_on_gcs(tmp_path_factory, tmp_path,
+                                                                  gcs_dir):
+    from gcs_emulator import upload_folder
+    from gemb import paths
     from gemb.checkpoints import model_dir as model_dir_lib
     from gemb.embed import load_encoder
     from gemb.eval import cli as eval_cli
+    from gemb.train import metrics_writer
 
-    folder = write_tiny_model_folder(tmp_path_factory, head_dims=(96,),
-                                     matryoshka_dims=(24, 48, 96))
+    local_folder = write_tiny_model_folder(tmp_path_factory, head_dims=(96,),
+                                           matryoshka_dims=(24, 48, 96))
+    folder = gcs_dir / "init"
+    upload_folder(local_folder, folder)
     sts = tmp_path / "toy_sts.tsv"
     sts.write_text("sentence1\tsentence2\tscore\nthe capital\tthe capital of france\t5\n"
                    "python code\tparis is\t0\na list\ta list of code\t4\nsearch\tquery text\t1\n")
     task = f"sts:{sts}?name=toy"
-    run_dir = tmp_path / "run"
+    run_dir = gcs_dir / "run"
     train = ["train", "--gin_file=gin/runs/tiny_synthetic.gin", "--gin_file=gin/partitioning/fsdp.gin",
              f"--gin.MODEL_DIR='{run_dir}'", f"--gin.train.init_from='{folder}'",
              "--gin.train.num_steps=6", "--gin.CheckpointConfig.save_every=3",
@@ -66,10 +74,12 @@ def test_train_soup_eval_embed_export_across_two_processes(tmp_path_factory, tmp
     assert set(exported) == set(final)
     for name in final:
         np.testing.assert_array_equal(exported[name], final[name], err_msg=name)
-    assert not (tmp_path / "gs:").exists()
+    losses = metrics_writer.read_scalars(run_dir / "train")["train/loss"]
+    assert [step for step, _ in losses] == list(range(1, 7))  # steps 4..6 after the resume
+    assert len((run_dir / "train_metrics.jsonl").read_text().splitlines()) == 6
 
     # Soup of steps 3 and 6: the average, in both processes' shards.
-    soup = tmp_path / "soup"
+    soup = gcs_dir / "soup"
     harness.gemb(["soup", "--model", f"{run_dir}@3", "--model", f"{run_dir}@6",
                   "--out", str(soup)], 2)
     at_3 = _checkpoint_params(run_dir, 3, initial)
@@ -81,21 +91,27 @@ def test_train_soup_eval_embed_export_across_two_processes(tmp_path_factory, tmp
 
     # gemb eval: 2 processes score what one process scores.
     harness.gemb(["eval", "--model", str(soup), "--tasks", task, "--output",
-                  str(tmp_path / "eval2")], 2)
+                  str(gcs_dir / "eval2")], 2)
     assert eval_cli.main(["--model", str(soup), "--tasks", task, "--output",
                           str(tmp_path / "eval1")]) == 0
-    two = json.loads((tmp_path / "eval2" / "toy.json").read_text())
+    two = json.loads((gcs_dir / "eval2" / "toy.json").read_text())
     one = json.loads((tmp_path / "eval1" / "toy.json").read_text())
     assert two["main_score"] == pytest.approx(one["main_score"], abs=1e-5)
 
     # gemb embed: each process embeds its block of every batch; process 0 writes all rows.
-    texts = tmp_path / "texts.txt"
+    texts = gcs_dir / "texts.txt"
     texts.write_text("\n".join(TEXTS) + "\n")
     harness.gemb(["embed", "--model", str(soup), "--input", str(texts), "--output",
-                  str(tmp_path / "two.npy"), "--batch-size", "8"], 2)
-    expected = load_encoder(soup, batch_size=8).encode(TEXTS)
-    np.testing.assert_allclose(np.load(tmp_path / "two.npy"), expected, atol=1e-5)
+                  str(gcs_dir / "two.npy"), "--batch-size", "8"], 2)
+    expected = load_encoder(str(soup), batch_size=8).encode(TEXTS)
+    with (gcs_dir / "two.npy").open("rb") as handle:
+        np.testing.assert_allclose(np.load(handle), expected, atol=1e-5)
 
     # gemb export: process 0 writes the sentence-transformers folder, the other waits.
-    harness.gemb(["export", "--model", str(soup), "--out", str(tmp_path / "st")], 2)
-    assert (tmp_path / "st" / "modules.json").is_file()
+    harness.gemb(["export", "--model", str(soup), "--out", str(gcs_dir / "st")], 2)
+    assert (gcs_dir / "st" / "modules.json").is_file()
+
+    # Every file went to the server: no process made a local "gs:" folder (pathlib's reading
+    # of "gs://bucket/..."), neither in the working folder nor beside the test's files.
+    for where in (os.getcwd(), str(paths.REPO_ROOT), str(tmp_path)):
+        assert not os.path.exists(os.path.join(where, "gs:")), where

@@ -17,8 +17,7 @@ VARIANTS = {
     "gradient_cache": ("--gin.train.step=@StepConfig()",
                        "--gin.StepConfig.gradient_cache_chunk=8"),
 }
-# The 4-process runs cost the most on 2 cores; packed is the layout multi-host changes most.
-CASES = [("padded", 2), ("packed", 2), ("gradient_cache", 2), ("packed", 4)]
+CASES = [(variant, processes) for processes in (2, 4) for variant in VARIANTS]
 
 pytestmark = pytest.mark.slow
 
