@@ -14,7 +14,10 @@ def gemb(command, num_processes, *, env_overrides=None, per_process_env=None, ti
          expect_codes=None, python_args=("-m", "gemb.cli")):
     """Runs `gemb COMMAND` as num_processes processes over GLOBAL_DEVICES CPU devices; asserts
     each exit code (0 unless expect_codes) and returns the results."""
-    env = {k: v for k, v in os.environ.items() if k != "GEMB_KILL_AFTER_STEP"}
+    # Without the test session's persistent XLA cache (tests/conftest.py): N processes on 2
+    # cores writing the same entries made these runs 30-50% slower, not faster.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GEMB_KILL_AFTER_STEP", "JAX_COMPILATION_CACHE_DIR")}
     env.update(env_overrides or {})
     results = local_processes.run(command, num_processes, GLOBAL_DEVICES // num_processes,
                                   env=env, per_process_env=per_process_env, timeout=timeout,
