@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
 import sys
 import time
-import os
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import jax
@@ -49,7 +50,7 @@ _LAYOUT_ONLY_FIELDS = ("scan_layers", "remat_policy", "dtype", "param_dtype", "m
 class Ingredient:
     """One checkpoint of the soup: a model folder or a run directory (at `step`)."""
 
-    source: epath.Path
+    source: Path | epath.Path
     step: Optional[int] = None
     weight: float = 1.0
 
@@ -115,7 +116,7 @@ def check_same_architecture(configs: Sequence[tuple[str, EncoderConfig]]) -> Non
 
 def make_soup(ingredients: Sequence[Ingredient], out_dir: str | os.PathLike,
               partitioner: Optional[partitioner_lib.Partitioner] = None,
-              tokenizer_from: Optional[str | os.PathLike] = None) -> epath.Path:
+              tokenizer_from: Optional[str | os.PathLike] = None) -> Path | epath.Path:
     """Writes the weighted parameter average of `ingredients` as a model folder at out_dir."""
     if not ingredients:
         raise ValueError("a soup needs at least one ingredient (--model).")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -48,7 +49,7 @@ CHUNK_BYTES = 16 * 2**20
 
 
 def save_model_dir(out_dir: str | os.PathLike, config: EncoderConfig, params: Any,
-                   metadata: dict[str, Any]) -> epath.Path:
+                   metadata: dict[str, Any]) -> Path | epath.Path:
     """Writes a model folder. `params` are numpy arrays or jax.Arrays; sharded jax.Arrays are
     written shard by shard (in a multi-process job every process calls this, each writes its
     own shards, and process 0 writes the config), so no host gathers the whole tree."""

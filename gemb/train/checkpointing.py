@@ -380,16 +380,14 @@ class RunCheckpointer:
         steps = self.all_steps()
         moved = []
         for step in reversed(steps):
+            result, failure = None, None
             try:
                 meta = self.read_meta(step)
             except Exception as error:  # pylint: disable=broad-except
-                meta, failure = None, ("its meta record cannot be read", error)
+                failure = ("its meta record cannot be read", error)
             else:
-                failure = None
-            if failure is None and expected_meta is not None:
-                check_same_model(meta, expected_meta, self.directory / str(step))
-            result = None
-            if failure is None:
+                if expected_meta is not None:
+                    check_same_model(meta, expected_meta, self.directory / str(step))
                 try:
                     result = self.restore(step, abstract_state)
                 except Exception as error:  # pylint: disable=broad-except

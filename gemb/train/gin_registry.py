@@ -58,7 +58,7 @@ def converted_model(name: str = "gemma3-270m", folder: Optional[str] = None) -> 
     """The model folder of an embedded model, converted into the cache on first use."""
     from gemb.checkpoints import convert, model_dir
 
-    out = paths.as_path(folder) if folder else paths.as_path(paths.cache_dir() / "models" / name)
+    out = paths.as_path(folder) if folder else paths.cache_dir() / "models" / name
     if (out / model_dir.CONFIG_FILENAME).is_file() and (out / model_dir.PARAMS_DIRNAME).is_dir():
         return str(out)
     if out.exists():

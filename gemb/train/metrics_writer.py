@@ -93,31 +93,20 @@ class TensorBoardWriter:
 
 def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """{tag: [(step, value), ...]} from the event files of a folder (for tests and scripts)."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(paths.as_path(logdir).glob("events.out.tfevents.*")):
-        if paths.is_remote(path):
-            import tempfile
-
-            with tempfile.NamedTemporaryFile(suffix=path.name) as local:
-                local.write(path.read_bytes())
-                local.flush()
-                _read_scalars_file(local.name, out)
-        else:
-            _read_scalars_file(str(path), out)
-    return out
-
-
-def _read_scalars_file(path: str, out: dict[str, list[tuple[int, float]]]) -> None:
     from tensorboard.backend.event_processing import event_file_loader
 
-    for event in event_file_loader.EventFileLoader(path).Load():
-        for value in event.summary.value:
-            if value.HasField("simple_value"):
-                out.setdefault(value.tag, []).append((event.step, value.simple_value))
-            elif value.metadata.plugin_data.plugin_name == "scalars":
-                out.setdefault(value.tag, []).append(
-                    (event.step, float(np.frombuffer(value.tensor.tensor_content, np.float32)[0])
-                     if value.tensor.tensor_content else float(value.tensor.float_val[0])))
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(paths.as_path(logdir).glob("events.out.tfevents.*")):
+        # tensorboard's loader opens local files only: a remote one is read from a copy.
+        for event in event_file_loader.EventFileLoader(str(paths.local_copy(path))).Load():
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out.setdefault(value.tag, []).append((event.step, value.simple_value))
+                elif value.metadata.plugin_data.plugin_name == "scalars":
+                    out.setdefault(value.tag, []).append(
+                        (event.step, float(np.frombuffer(value.tensor.tensor_content, np.float32)[0])
+                         if value.tensor.tensor_content else float(value.tensor.float_val[0])))
+    return out
 
 
 def open_metrics_file(path: Path, keep_through_step: int):
