@@ -15,7 +15,6 @@ client has, 412 for a failed precondition.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys

@@ -11,7 +11,9 @@ import dataclasses
 from typing import Any, Optional
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+# sklearn and scipy are imported inside the scoring functions: with pandas they cost every
+# process ~1.5 s at start-up, and `gemb train` imports the evaluators for its eval hook.
 
 from gemb.eval import encoders
 from gemb.eval.retrieval import search_top_k
@@ -34,6 +36,8 @@ class BitextData:
 
 def bitext_scores(predicted: np.ndarray, gold: np.ndarray) -> dict[str, float]:
     """MTEB's metrics for predicted target indices against gold indices."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
     return {
         "precision": float(precision_score(gold, predicted, zero_division=0, average="weighted")),
         "recall": float(recall_score(gold, predicted, zero_division=0, average="weighted")),

@@ -19,15 +19,9 @@ from collections import defaultdict
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    f1_score,
-    precision_score,
-    recall_score,
-)
+
+# sklearn and scipy are imported inside the scoring functions: with pandas they cost every
+# process ~1.5 s at start-up, and `gemb train` imports the evaluators for its eval hook.
 
 from gemb.eval import encoders
 
@@ -90,6 +84,14 @@ def undersample_experiments(train_labels: Sequence[Any], n_experiments: int = N_
 
 def classification_scores(y_true: Sequence[Any], y_pred: Sequence[Any]) -> dict[str, float]:
     """MTEB's per-experiment metrics; AP only for binary tasks (from the predicted labels)."""
+    from sklearn.metrics import (
+        accuracy_score,
+        average_precision_score,
+        f1_score,
+        precision_score,
+        recall_score,
+    )
+
     scores = {
         "accuracy": accuracy_score(y_true, y_pred),
         "f1": f1_score(y_true, y_pred, average="macro"),
@@ -112,6 +114,9 @@ def classification_scores(y_true: Sequence[Any], y_pred: Sequence[Any]) -> dict[
 def fit_and_score(train_embeddings: np.ndarray, train_labels: Sequence[Any],
                   test_embeddings: np.ndarray, test_labels: Sequence[Any],
                   seed: int = SEED, max_iter: int = MAX_ITER) -> dict[str, float]:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
     if len(set(train_labels)) < 2:
         raise ValueError(f"the training sample has a single label {train_labels[0]!r}; logistic "
                          "regression needs at least two.")

@@ -22,8 +22,9 @@ import random
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from sklearn.cluster import MiniBatchKMeans
-from sklearn.metrics.cluster import v_measure_score
+
+# sklearn and scipy are imported inside the scoring functions: with pandas they cost every
+# process ~1.5 s at start-up, and `gemb train` imports the evaluators for its eval hook.
 
 from gemb.eval import encoders
 
@@ -72,6 +73,9 @@ class ClusteringData:
 def cluster_v_measure(embeddings: np.ndarray, labels: Sequence[Any], *,
                       batch_size: int = LEGACY_BATCH_SIZE, seed: int = SEED) -> float:
     """One legacy clustering run: k-means with k = number of gold labels, V-measure."""
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.metrics.cluster import v_measure_score
+
     n_clusters = len(set(labels))
     if n_clusters <= 1:
         return 1.0
@@ -87,6 +91,9 @@ def bootstrap_v_measures(embeddings: np.ndarray, labels: Sequence[Any], *,
                          batch_size: int = FAST_BATCH_SIZE, seed: int = SEED,
                          rng: Optional[random.Random] = None) -> list[float]:
     """The fast protocol's V-measures, one per bootstrap sample."""
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.metrics.cluster import v_measure_score
+
     rng = rng if rng is not None else random.Random(seed)
     labels = np.asarray(labels)
     model = MiniBatchKMeans(n_clusters=np.unique(labels).size, batch_size=batch_size,

@@ -13,12 +13,9 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score
-from sklearn.metrics.pairwise import (
-    paired_cosine_distances,
-    paired_euclidean_distances,
-    paired_manhattan_distances,
-)
+
+# sklearn and scipy are imported inside the scoring functions: with pandas they cost every
+# process ~1.5 s at start-up, and `gemb train` imports the evaluators for its eval hook.
 
 from gemb.eval import encoders
 
@@ -87,6 +84,8 @@ def best_f1(scores: Sequence[float], labels: np.ndarray,
 
 def pair_metrics(scores: Sequence[float], labels: Sequence[int],
                  high_score_more_similar: bool = True) -> dict[str, float]:
+    from sklearn.metrics import average_precision_score
+
     labels = np.asarray(labels, dtype=np.int64)
     accuracy, accuracy_threshold = best_accuracy(scores, labels, high_score_more_similar)
     f1, precision, recall, f1_threshold = best_f1(scores, labels, high_score_more_similar)
@@ -99,6 +98,12 @@ def pair_metrics(scores: Sequence[float], labels: Sequence[int],
 
 def evaluate_pair_classification(encoder: Any, data: PairData, prompt_task: Optional[str] =
                                  encoders.PROMPT_TASKS["pair_classification"]) -> dict[str, Any]:
+    from sklearn.metrics.pairwise import (
+        paired_cosine_distances,
+        paired_euclidean_distances,
+        paired_manhattan_distances,
+    )
+
     embeddings1 = encoders.embed(encoder, data.sentences1, encoders.QUERY, task=prompt_task)
     embeddings2 = encoders.embed(encoder, data.sentences2, encoders.QUERY, task=prompt_task)
     scoring = {

@@ -12,12 +12,9 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics.pairwise import (
-    paired_cosine_distances,
-    paired_euclidean_distances,
-    paired_manhattan_distances,
-)
+
+# sklearn and scipy are imported inside the scoring functions: with pandas they cost every
+# process ~1.5 s at start-up, and `gemb train` imports the evaluators for its eval hook.
 
 from gemb.eval import encoders
 
@@ -45,6 +42,8 @@ class STSData:
 
 def sts_scores(similarities: Sequence[float], gold: Sequence[float]) -> dict[str, float]:
     """Pearson and Spearman of predicted similarities against gold scores."""
+    from scipy.stats import pearsonr, spearmanr
+
     similarities = np.asarray(similarities, dtype=np.float64)
     gold = np.asarray(gold, dtype=np.float64)
     if similarities.shape != gold.shape:
@@ -58,6 +57,12 @@ def sts_scores(similarities: Sequence[float], gold: Sequence[float]) -> dict[str
 
 def evaluate_sts(encoder: Any, data: STSData,
                  prompt_task: Optional[str] = encoders.PROMPT_TASKS["sts"]) -> dict[str, Any]:
+    from sklearn.metrics.pairwise import (
+        paired_cosine_distances,
+        paired_euclidean_distances,
+        paired_manhattan_distances,
+    )
+
     embeddings1 = encoders.embed(encoder, data.sentences1, encoders.QUERY, task=prompt_task)
     embeddings2 = encoders.embed(encoder, data.sentences2, encoders.QUERY, task=prompt_task)
     if embeddings1.shape[1] != embeddings2.shape[1]:

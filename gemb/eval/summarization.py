@@ -14,7 +14,9 @@ import logging
 from typing import Any, Optional
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
+
+# sklearn and scipy are imported inside the scoring functions: with pandas they cost every
+# process ~1.5 s at start-up, and `gemb train` imports the evaluators for its eval hook.
 
 from gemb.eval import encoders
 from gemb.eval.retrieval import normalize_rows
@@ -54,6 +56,8 @@ def _flatten(groups: list[list[str]]) -> tuple[list[str], list[int]]:
 
 def evaluate_summarization(encoder: Any, data: SummarizationData, prompt_task: Optional[str] =
                            encoders.PROMPT_TASKS["summarization"]) -> dict[str, Any]:
+    from scipy.stats import pearsonr, spearmanr
+
     human_texts, human_splits = _flatten([e.human_summaries for e in data.examples])
     machine_texts, machine_splits = _flatten([e.machine_summaries for e in data.examples])
     human = np.split(encoders.embed(encoder, human_texts, encoders.QUERY, task=prompt_task),

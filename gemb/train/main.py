@@ -114,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = gin.get_configurable("train")(gin_config_text=config_text)
     except (run.TrainingDiverged, checkpointing.CheckpointRestoreError,
             checkpointing.RunWriteError) as error:
+        # The failed save's own write tasks (orbax, asyncio) still hold the same error; asyncio
+        # would log each as "Task exception was never retrieved" at exit, after the one line
+        # that says what happened and what to do.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         # gin appends "In call to configurable 'train'" to the message: the first line says it.
         print(f"gemb train: {str(error).splitlines()[0]}", file=sys.stderr, flush=True)
         return 1

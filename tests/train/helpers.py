@@ -1,5 +1,8 @@
 """Small builders shared by the trainer tests (TINY model, synthetic data)."""
 
+import os
+import re
+
 import jax
 import numpy as np
 
@@ -16,6 +19,14 @@ from gemb.train.model import EmbeddingModel
 SMALL = TINY_ENCODER.replace(transformer=TINY_ENCODER.transformer.replace(num_layers=2))
 LOSS = ContrastiveLossConfig(temperature=0.05)
 OPTIMIZER = optimizers.OptimizerConfig(learning_rate=3e-3, warmup_steps=1, weight_decay=0.01)
+
+
+def one_device_env(**overrides) -> dict[str, str]:
+    """This test session's environment for a `gemb train` subprocess on one CPU device (the
+    session's other XLA flags kept)."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    return {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=1".strip(),
+            **overrides}
 
 
 def partitioner_for(ici, num_devices):

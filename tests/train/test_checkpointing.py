@@ -1,8 +1,5 @@
 """Checkpoints: round trip, damaged latest -> previous, another model, init_from."""
 
-import shutil
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ bits, divergence stops the run without saving or exporting it, save errors are o
 
 import errno
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,8 +16,8 @@ import pytest
 from gemb import paths
 from gemb.train import checkpointing, checksums, run, trainer
 
-from helpers import (LOSS, OPTIMIZER, SMALL, build, partitioner_for, save_checkpoints, synthetic,
-                     synthetic_batches)
+from helpers import (LOSS, OPTIMIZER, SMALL, one_device_env, partitioner_for, save_checkpoints,
+                     synthetic)
 
 
 def _train(model_dir, **overrides):
@@ -253,7 +252,7 @@ def test_diverging_gemb_train_exits_nonzero(tmp_path):
                f"--gin.MODEL_DIR='{tmp_path}'", "--gin.train.num_steps=30",
                "--gin.encoder_config.num_layers=2", "--gin.OptimizerConfig.learning_rate=1e10",
                "--gin.CheckpointConfig.save_every=2"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = one_device_env()
     result = subprocess.run(command, cwd=paths.REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode != 0, result.stdout + result.stderr
@@ -303,7 +302,7 @@ def test_real_disk_full_on_a_small_tmpfs(tmp_path):
         command = [sys.executable, "-m", "gemb.train", "--gin_file=gin/runs/tiny_synthetic.gin",
                    f"--gin.MODEL_DIR='{run}'", "--gin.train.num_steps=12",
                    "--gin.encoder_config.num_layers=2"]
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        env = one_device_env()
         result = subprocess.run(command, cwd=paths.REPO_ROOT, env=env, capture_output=True,
                                 text=True, timeout=600)
     finally:

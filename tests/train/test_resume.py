@@ -16,6 +16,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from gemb import paths
+from helpers import one_device_env
 
 NUM_STEPS = 12
 SAVE_EVERY = 3
@@ -28,7 +29,7 @@ def command(model_dir):
 
 
 def run(model_dir, kill_after=None):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = one_device_env()
     env["PYTHONPATH"] = str(paths.REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("GEMB_KILL_AFTER_STEP", None)
     if kill_after is not None:
