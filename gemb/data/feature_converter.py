@@ -88,6 +88,7 @@ class TokenBatch:
     negatives: RoleTokens  # n = B * K, example b's slots at b*K .. b*K+K-1
     num_negatives: np.ndarray  # int32 [B]: used leading slots of each example
     task: str = ""
+    example_ids: Optional[np.ndarray] = None  # uint64 [B], when the source has ids (prepared)
 
     @property
     def batch_size(self) -> int:

@@ -246,6 +246,93 @@ def read_docstring_code(split: str) -> Iterator[RawRecord]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Source specs: a task's raw records as data (picklable), for in-memory reads and Beam jobs alike
+
+SOURCE_FORMATS = ("jsonl", "tsv", "csv", "beir", "tfds", "docstring_code")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadUnit:
+    """One piece of a split a worker reads alone: a file (jsonl / tsv / csv), a BEIR folder's
+    split, a TFDS split or the docstring corpus' split. Calling it yields its RawRecords."""
+
+    format: str
+    location: str  # a file path, a BEIR folder, a TFDS name or a docstring-corpus split
+    split: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self) -> Iterator[RawRecord]:
+        options = dict(self.options)
+        if self.format == "jsonl":
+            return read_jsonl(self.location)
+        if self.format == "tsv":
+            return read_tsv(self.location, **options)
+        if self.format == "csv":
+            return read_csv(self.location, **options)
+        if self.format == "beir":
+            # split_name: the qrels file to read, when the task's split is named otherwise.
+            return read_beir(self.location, options.pop("split_name", self.split), **options)
+        if self.format == "tfds":
+            return read_tfds(self.location, self.split, **options)
+        return read_docstring_code(self.split)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """Where a task's raw records are: a format and, per split, file paths or globs (local or
+    gs://; jsonl / tsv / csv), a BEIR folder, a TFDS name, or nothing (docstring_code).
+
+    options: the reader's keyword arguments (tsv `columns`, beir `hard_negatives_path`, tfds
+    `data_dir`, ...), as (name, value) pairs so the spec stays hashable.
+    """
+
+    format: str
+    splits: tuple[tuple[str, tuple[str, ...]], ...]
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        if self.format not in SOURCE_FORMATS:
+            raise ValueError(f"unknown source format {self.format!r}; known: {SOURCE_FORMATS}")
+
+    @classmethod
+    def of(cls, format: str, splits: Mapping[str, Any], **options) -> "SourceSpec":
+        """SourceSpec.of("jsonl", {"train": "data/*.jsonl"}, ...): a single location or a list."""
+        normalised = tuple((split, (where,) if isinstance(where, str) else tuple(where))
+                           for split, where in splits.items())
+        return cls(format, normalised, tuple(sorted(options.items())))
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        return tuple(split for split, _ in self.splits)
+
+    def units(self, split: str) -> list[ReadUnit]:
+        """The split's read units in a fixed order (globs expanded and sorted)."""
+        locations = dict(self.splits).get(split)
+        if locations is None:
+            raise ValueError(f"the source has no split {split!r}; it has {self.split_names}")
+        if self.format in ("jsonl", "tsv", "csv"):
+            files: list[str] = []
+            for pattern in locations:
+                matched = sorted(tf.io.gfile.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+                if not matched:
+                    raise FileNotFoundError(f"{pattern} matches no file (split {split!r}).")
+                files.extend(matched)
+            locations = tuple(files)
+        return [ReadUnit(self.format, location, split, self.options) for location in locations]
+
+    def readers(self) -> dict[str, "RecordReader"]:
+        """{split: a function returning the split's RawRecords} (InMemoryExampleSource's readers)."""
+
+        def reader(split):
+            def read():
+                for unit in self.units(split):
+                    yield from unit()
+            return read
+
+        return {split: reader(split) for split in self.split_names}
+
+
+# ---------------------------------------------------------------------------------------------
 # Example builders: raw record -> Example, None (filtered on purpose), or RejectRecord.
 
 

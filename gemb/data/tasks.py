@@ -23,6 +23,7 @@ prompt overrides. Nothing is read until a dataset is requested.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -80,17 +81,82 @@ def num_negatives(task: seqio.Task) -> int:
     return getattr(task.source, "num_negatives", 0)
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskDefinition:
+    """A built-in task as data: its source, builder, prompt kind and K. The in-memory
+    registration below and `gemb data prepare` (gemb.data.prepare) both start from it."""
+
+    name: str
+    source: sources.SourceSpec
+    builder: sources.ExampleBuilder
+    template_kind: str
+    num_negatives: int = 0
+
+    def template(self, overrides: Optional[Mapping] = None) -> templates.PromptTemplate:
+        return templates.resolve_template(self.name, templates.default_template(self.template_kind),
+                                          overrides)
+
+
+def docstring_code_definition() -> TaskDefinition:
+    return TaskDefinition(
+        DOCSTRING_CODE,
+        sources.SourceSpec.of("docstring_code", {s: s for s in ("train", "validation", "test")}),
+        sources.PairBuilder(query_field="query", positive_field="code"), "code_retrieval")
+
+
+def shared_task_definitions(root: Optional[Path] = None) -> dict[str, TaskDefinition]:
+    """The ../shared/data tasks whose folders exist under `root` (default: the shared root)."""
+    root = Path(root) if root is not None else paths.shared_data_root()
+    found: dict[str, TaskDefinition] = {}
+    sts = root / "stsbenchmark"
+    if sts.is_dir():
+        found[STSB_TRAIN] = TaskDefinition(
+            STSB_TRAIN,
+            sources.SourceSpec.of("tsv", {"train": str(sts / "sts-train.csv"),
+                                          "validation": str(sts / "sts-dev.csv")},
+                                  columns=_STSB_COLUMNS),
+            sources.StsPairBuilder(threshold=STS_POSITIVE_THRESHOLD), "sentence_similarity")
+    snli = root / "snli_triplets"
+    if snli.is_dir():
+        found[SNLI_TRIPLETS] = TaskDefinition(
+            SNLI_TRIPLETS, sources.SourceSpec.of("tsv", {"train": str(snli / "snli_triplets.tsv")}),
+            sources.TripletBuilder(query_field="anchor", positive_field="positive",
+                                   negative_fields=("negative",)),
+            "sentence_similarity", num_negatives=1)
+    banking = root / "banking77"
+    if banking.is_dir():
+        labels: tuple[str, ...] = ()
+        if (banking / "categories.json").exists():
+            labels = tuple(json.loads((banking / "categories.json").read_text()))
+        found[BANKING77_TRAIN] = TaskDefinition(
+            BANKING77_TRAIN, sources.SourceSpec.of("csv", {"train": str(banking / "train.csv")}),
+            sources.ClassificationBuilder(text_field="text", label_field="category", labels=labels),
+            "classification")
+    cosqa = root / "cosqa"
+    if cosqa.is_dir():
+        # The dev qrels are the training split of this task (the test qrels stay for eval).
+        found[COSQA_DEV] = TaskDefinition(
+            COSQA_DEV, sources.SourceSpec.of("beir", {"train": str(cosqa)}, split_name="dev"),
+            sources.PairBuilder(query_field="query", positive_field="positive",
+                                title_field="positive_title"), "code_retrieval")
+    return found
+
+
+def builtin_task_definitions(root: Optional[Path] = None) -> dict[str, TaskDefinition]:
+    return {DOCSTRING_CODE: docstring_code_definition(), **shared_task_definitions(root)}
+
+
+def register_definition(definition: TaskDefinition, vocabulary: seqio.Vocabulary,
+                        policy: Optional[QualityPolicy] = None,
+                        template_overrides: Optional[Mapping] = None) -> seqio.Task:
+    return add_embedding_task(definition.name, definition.source.readers(), definition.builder,
+                              vocabulary, definition.template(template_overrides),
+                              num_negatives=definition.num_negatives, policy=policy)
+
+
 def register_docstring_code(vocabulary: seqio.Vocabulary, policy: Optional[QualityPolicy] = None,
                             template_overrides: Optional[Mapping] = None) -> str:
-    add_embedding_task(
-        DOCSTRING_CODE,
-        {split: (lambda split=split: sources.read_docstring_code(split)) for split in ("train", "validation", "test")},
-        sources.PairBuilder(query_field="query", positive_field="code"),
-        vocabulary,
-        templates.resolve_template(DOCSTRING_CODE, templates.default_template("code_retrieval"),
-                                   template_overrides),
-        policy=policy,
-    )
+    register_definition(docstring_code_definition(), vocabulary, policy, template_overrides)
     return DOCSTRING_CODE
 
 
@@ -99,72 +165,14 @@ def register_shared_tasks(
     template_overrides: Optional[Mapping] = None,
 ) -> list[str]:
     """Registers the ../shared/data training tasks that exist; returns their names."""
-
-    def template(task_name: str, kind: str) -> templates.PromptTemplate:
-        return templates.resolve_template(task_name, templates.default_template(kind),
-                                          template_overrides)
-
     root = Path(root) if root is not None else paths.shared_data_root()
     if not root.is_dir():
         log.info("%s is absent: the shared-data tasks are not registered", root)
         return []
-    names = []
-
-    sts = root / "stsbenchmark"
-    if sts.is_dir():
-        add_embedding_task(
-            STSB_TRAIN,
-            {
-                "train": lambda: sources.read_tsv(str(sts / "sts-train.csv"), columns=_STSB_COLUMNS),
-                "validation": lambda: sources.read_tsv(str(sts / "sts-dev.csv"), columns=_STSB_COLUMNS),
-            },
-            sources.StsPairBuilder(threshold=STS_POSITIVE_THRESHOLD),
-            vocabulary,
-            template(STSB_TRAIN, "sentence_similarity"),
-            policy=policy,
-        )
-        names.append(STSB_TRAIN)
-
-    snli = root / "snli_triplets"
-    if snli.is_dir():
-        add_embedding_task(
-            SNLI_TRIPLETS,
-            {"train": lambda: sources.read_tsv(str(snli / "snli_triplets.tsv"))},
-            sources.TripletBuilder(query_field="anchor", positive_field="positive", negative_fields=("negative",)),
-            vocabulary,
-            template(SNLI_TRIPLETS, "sentence_similarity"),
-            num_negatives=1,
-            policy=policy,
-        )
-        names.append(SNLI_TRIPLETS)
-
-    banking = root / "banking77"
-    if banking.is_dir():
-        labels: tuple[str, ...] = ()
-        if (banking / "categories.json").exists():
-            labels = tuple(json.loads((banking / "categories.json").read_text()))
-        add_embedding_task(
-            BANKING77_TRAIN,
-            {"train": lambda: sources.read_csv(str(banking / "train.csv"))},
-            sources.ClassificationBuilder(text_field="text", label_field="category", labels=labels),
-            vocabulary,
-            template(BANKING77_TRAIN, "classification"),
-            policy=policy,
-        )
-        names.append(BANKING77_TRAIN)
-
-    cosqa = root / "cosqa"
-    if cosqa.is_dir():
-        add_embedding_task(
-            COSQA_DEV,
-            {"train": lambda: sources.read_beir(str(cosqa), "dev")},
-            sources.PairBuilder(query_field="query", positive_field="positive", title_field="positive_title"),
-            vocabulary,
-            template(COSQA_DEV, "code_retrieval"),
-            policy=policy,
-        )
-        names.append(COSQA_DEV)
-    return names
+    definitions = shared_task_definitions(root)
+    for definition in definitions.values():
+        register_definition(definition, vocabulary, policy, template_overrides)
+    return list(definitions)
 
 
 def register_default_tasks(

@@ -30,6 +30,7 @@ from gemb.data.feature_converter import (
     agree_across_processes,
 )
 from gemb.data.quality import QualityPolicy
+from gemb.data.streaming import PreparedTask, StreamOrder
 
 DataState = Mapping[str, int]
 
@@ -194,7 +195,13 @@ class SeqioData(TrainingData):
         `SeqioData.features = @FeatureConverterConfig()`.
       quality: what the tasks do with bad records.
       templates: per-task prompt overrides, {task name: PromptTemplate or {field: value}}.
-      prefetch: tf.data batches prepared ahead per task.
+      prefetch: tf.data batches prepared ahead per in-memory task.
+      prepared: {task name: folder written by `gemb data prepare`} (local or gs://): these tasks
+        stream from their shards (gemb.data.streaming), already tokenised; name them in
+        `rates` beside in-memory tasks or alone. A mixture of prepared tasks only imports
+        neither seqio nor TensorFlow and needs no vocabulary_dir (when given, each folder's
+        vocabulary fingerprint must match it).
+      stream_order: how prepared tasks are read (readers, interleave, shuffle window).
     """
 
     batch_size: int = 32
@@ -208,6 +215,8 @@ class SeqioData(TrainingData):
     quality: QualityPolicy = QualityPolicy()
     templates: Optional[Mapping[str, Any]] = None
     prefetch: int = 2
+    prepared: Optional[Mapping[str, str]] = None
+    stream_order: StreamOrder = StreamOrder()
 
     def vocabulary(self):
         from gemb.data import vocab
@@ -228,17 +237,63 @@ class SeqioData(TrainingData):
             return vocab.TokenizerJsonVocabulary(path)
         return vocab.gemma3_vocabulary(path)
 
+    def tokenizer_file(self):
+        path = paths.as_path(self.vocabulary_dir)
+        if path.is_dir():
+            for name in ("tokenizer.model", "tokenizer.json"):
+                if (path / name).is_file():
+                    return path / name
+        return path
+
+    def prepared_tasks(self) -> dict[str, PreparedTask]:
+        """The prepared tasks, each checked against the run's vocabulary when it has one."""
+        import hashlib
+
+        tasks = {name: PreparedTask(name, str(folder)) for name, folder in (self.prepared or {}).items()}
+        if tasks and self.vocabulary_dir is not None:
+            tokenizer = self.tokenizer_file()
+            digest = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+            for task in tasks.values():
+                expected = task.info().vocabulary.get("sha256")
+                if expected != digest:
+                    raise ValueError(
+                        f"prepared task {task.name!r} ({task.folder}) was tokenised with another "
+                        f"vocabulary than {tokenizer} (sha256 {str(expected)[:12]}... vs "
+                        f"{digest[:12]}...); prepare it again with --tokenizer {self.vocabulary_dir}.")
+        return tasks
+
     def make(self, state: Optional[DataState] = None, shard: DataShard = DataShard()):
-        import seqio
+        from gemb.data import batching
 
-        from gemb.data import batching, mixtures
+        prepared_tasks = self.prepared_tasks()
+        entries: list = []
+        in_memory_rates = None  # the mixture's default rates
+        if prepared_tasks:
+            if self.rates is None:
+                raise ValueError(
+                    f"SeqioData.prepared names {sorted(prepared_tasks)}, but SeqioData.rates is "
+                    "not set: give every task of the run a rate, e.g. SeqioData.rates = "
+                    f"{{{', '.join(repr(n) + ': 1.0' for n in prepared_tasks)}}}.")
+            entries = [(prepared_tasks[name], float(rate)) for name, rate in self.rates.items()
+                       if name in prepared_tasks and rate > 0]
+            in_memory_rates = {name: rate for name, rate in self.rates.items()
+                               if name not in prepared_tasks}
+        elif self.rates is not None:
+            in_memory_rates = dict(self.rates)
+        if in_memory_rates is None or in_memory_rates:
+            # seqio (and TensorFlow) only for in-memory tasks.
+            from gemb.data import mixtures
 
-        mixture = mixtures.build_mixture(self.vocabulary(), name=self.mixture, rates=self.rates,
-                                         policy=self.quality, template_overrides=self.templates)
+            mixture = mixtures.build_mixture(self.vocabulary(), name=self.mixture,
+                                             rates=in_memory_rates, policy=self.quality,
+                                             template_overrides=self.templates)
+            entries = [(task, float(mixture.get_rate(task))) for task in mixture.tasks] + entries
         return batching.TaskHomogeneousBatcher(
-            mixture, batch_size=self.batch_size,
+            entries, batch_size=self.batch_size,
             converter=FeatureConverter(self.features, row_multiple=shard.row_multiple,
                                        shard_index=shard.index),
             split=self.split, seed=self.seed,
-            shard_info=seqio.ShardInfo(index=shard.index, num_shards=shard.count),
-            state=dict(state or {}) or None, prefetch=self.prefetch)
+            shard_info=batching.ShardInfo(index=shard.index, num_shards=shard.count),
+            state=dict(state or {}) or None, prefetch=self.prefetch,
+            stream_order=self.stream_order)
+

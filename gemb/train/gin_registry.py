@@ -18,6 +18,7 @@ import gin
 from gemb import paths
 from gemb.data.feature_converter import FeatureConverterConfig
 from gemb.data.quality import QualityPolicy
+from gemb.data.streaming import StreamOrder
 from gemb.data.templates import PromptTemplate
 from gemb.eval.hook import EvalHook
 from gemb.losses import ContrastiveLossConfig
@@ -90,5 +91,6 @@ def register() -> None:
     gin.external_configurable(data.SyntheticData, "SyntheticData")
     gin.external_configurable(data.SeqioData, "SeqioData")
     gin.external_configurable(FeatureConverterConfig, "FeatureConverterConfig")
+    gin.external_configurable(StreamOrder, "StreamOrder")
     gin.external_configurable(QualityPolicy, "QualityPolicy")
     gin.external_configurable(PromptTemplate, "PromptTemplate")

@@ -97,8 +97,11 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str],
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_flags(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(logging, args.log_level.upper(), logging.WARNING)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # basicConfig does nothing once an import has given the root logger a handler (one does):
+    # the level is set on its own so that --log_level always applies.
+    logging.getLogger().setLevel(level)
     if not args.gin_file:
         print("gemb train: give at least one --gin_file (e.g. gin/runs/quickstart.gin)",
               file=sys.stderr)

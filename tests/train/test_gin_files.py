@@ -1,7 +1,5 @@
 """Every gin file parses and builds its objects; gin's errors name the bad binding or macro."""
 
-from pathlib import Path
-
 import gin
 import pytest
 
@@ -72,9 +70,21 @@ def test_pretrain_and_finetune_build(run_file, mixture_file, tmp_path, fake_mode
     files = [GIN / "models" / "gemma3_270m.gin", GIN / "runs" / f"{run_file}.gin", mixture_file]
     result = dry_run(files, [f"MODEL_DIR = '{tmp_path / 'run'}'",
                              f"INIT_FROM = '{fake_model_folder}'",
-                             f"VOCABULARY_DIR = '{fake_model_folder}'"])
+                             f"VOCABULARY_DIR = '{fake_model_folder}'",
+                             f"PRETRAIN_DATA = '{tmp_path / 'prepared'}'"])
     assert result["data"].batch_size >= 512
     assert result["mesh"]["fsdp"] == 8
+    assert result["data"].prepared is None  # a mixture file replaces the run's data
+
+
+def test_pretrain_streams_its_prepared_pairs(tmp_path, fake_model_folder):
+    files = [GIN / "models" / "gemma3_270m.gin", GIN / "runs" / "pretrain.gin"]
+    result = dry_run(files, [f"MODEL_DIR = '{tmp_path / 'run'}'",
+                             f"INIT_FROM = '{fake_model_folder}'",
+                             f"PRETRAIN_DATA = '{tmp_path / 'prepared'}'"])
+    data = result["data"]
+    assert data.prepared == {"gemb_system_pretrain": str(tmp_path / "prepared")}
+    assert data.rates == {"gemb_system_pretrain": 1.0} and data.batch_size == 4096
 
 
 def test_unknown_binding_names_it(tmp_path):
