@@ -147,3 +147,24 @@ def test_training_vocabulary_from_a_gcs_model_folder(gcs_dir, tmp_path):
     local = SeqioData(vocabulary_dir=str(tmp_path)).vocabulary()
     text = "the capital of france"
     assert remote.encode(text) == local.encode(text) and len(local.encode(text)) == 4
+
+
+def test_prepared_task_written_to_and_streamed_from_gcs(gcs_dir, tmp_path):
+    from gemb.data import prepared, streaming
+
+    local = tmp_path / "pairs"
+    info = prepared.write_synthetic_task(local, 200, 4, task="pairs", vocab_size=300, max_length=8)
+    remote = gcs_dir / "prepared" / "pairs"
+    for index, size in enumerate(info.splits["train"].shard_sizes):  # the prepare job's writer
+        name = prepared.shard_name("train", index, 4)
+        reader = prepared.ShardReader(local / name, size)
+        prepared.write_shard(remote / name, reader.read_range(0, size))
+    prepared.write_info(remote, info)
+
+    def records(folder):
+        stream = streaming.PreparedStream(streaming.PreparedTask("pairs", str(folder)), "train",
+                                          0, 0, 1, 16, 0)
+        return [stream.next_records() for _ in range(15)]
+
+    assert records(remote) == records(local)
+    assert prepared.read_info(remote) == info
