@@ -31,12 +31,14 @@ def _raw_lines(words):
     return lines
 
 
+WORDS = ("the a man woman dog cat plays runs reads writes code function returns list value "
+         "file string number bank card account money question answer python data").split()
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from conftest import _WORDS
-
     folder = tmp_path_factory.mktemp("raw")
-    lines = _raw_lines(_WORDS)
+    lines = _raw_lines(WORDS)
     (folder / "part-0.jsonl").write_bytes(b"\n".join(lines[:25]) + b"\n")
     (folder / "part-1.jsonl").write_bytes(b"\n".join(lines[25:]) + b"\n")
     return folder
