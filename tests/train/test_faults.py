@@ -61,6 +61,20 @@ def test_checksums_do_not_depend_on_sharding():
     assert checksums.tree_checksums({"x": sharded}) == checksums.tree_checksums({"x": array})
 
 
+def test_checksums_are_the_flat_formula_in_every_shape():
+    # The formula checkpoints were written with: words of the row-major flattened bits, weighted
+    # by odd multiples of two constants (mod 2**32). Computing it per axis (so that a sharded
+    # array is never gathered) must not change a value, or older checkpoints would not verify.
+    rng = np.random.default_rng(1)
+    for shape in [(), (7,), (5, 6), (3, 4, 5)]:
+        array = rng.normal(size=shape).astype(np.float32)
+        words = array.reshape(-1).view(np.uint32).astype(np.uint64)
+        odd = 2 * np.arange(words.size, dtype=np.uint64) + 1
+        sum_a = int(((words * ((odd * 2654435761) % 2**32)) % 2**32).sum() % 2**32)
+        sum_b = int((((words ^ (words >> 15)) * ((odd * 2246822519) % 2**32)) % 2**32).sum() % 2**32)
+        assert checksums.tree_checksums({"x": array})["x"] == f"{sum_a:08x}-{sum_b:08x}", shape
+
+
 # ------------------------------------------------------------------------------- restore
 
 
