@@ -70,23 +70,6 @@ class PrepareSpec:
     dedupe: bool = True
 
 
-def tokenizer_file(location: str) -> paths.PathLike:
-    path = paths.as_path(location)
-    if path.is_dir():
-        for name in ("tokenizer.model", "tokenizer.json"):
-            if (path / name).is_file():
-                return path / name
-        raise FileNotFoundError(f"{location} holds no tokenizer.model or tokenizer.json.")
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {location} does not exist.")
-    return path
-
-
-def vocabulary_fingerprint(location: str) -> dict[str, str]:
-    path = tokenizer_file(location)
-    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-
-
 def example_id(unit_index: int, record_number: int) -> int:
     if record_number >= 1 << UNIT_BITS:
         raise ValueError(f"read unit {unit_index} has more than 2**{UNIT_BITS} records; split it.")
@@ -133,7 +116,7 @@ class RecordPreparer:
         if self._tokenizer is None:
             from gemb.tokenizer import Tokenizer
 
-            self._tokenizer = Tokenizer(paths.local_copy(tokenizer_file(self.spec.tokenizer)))
+            self._tokenizer = Tokenizer(paths.local_copy(prepared.tokenizer_file(self.spec.tokenizer)))
         return np.asarray(self._tokenizer.encode(text, add_bos=False), np.int32)
 
     def _report(self, split: str) -> quality.QualityReport:
@@ -247,7 +230,7 @@ def build_info(spec: PrepareSpec, statistics: Mapping[str, Mapping[str, Any]],
     return prepared.PreparedInfo(
         task=spec.task, num_negatives=spec.num_negatives, splits=splits,
         template=dataclasses.asdict(spec.template),
-        vocabulary=vocabulary_fingerprint(spec.tokenizer), dedupe=spec.dedupe)
+        vocabulary=prepared.vocabulary_fingerprint(spec.tokenizer), dedupe=spec.dedupe)
 
 
 def _deduplicated(kept: Iterable[Outcome]) -> list[Outcome]:

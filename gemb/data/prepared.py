@@ -176,6 +176,27 @@ def read_info(folder: paths.PathLike) -> PreparedInfo:
 LENGTH_BUCKETS = tuple(2**i for i in range(17))
 
 
+def tokenizer_file(location: paths.PathLike):
+    """The tokenizer.model / tokenizer.json at `location`, or inside a model folder there."""
+    path = paths.as_path(location)
+    if path.is_dir():
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{location} holds no tokenizer.model or tokenizer.json.")
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {location} does not exist.")
+    return path
+
+
+def vocabulary_fingerprint(location: paths.PathLike) -> dict[str, str]:
+    """{"file": name, "sha256": digest} of a tokenizer: info.json's record of the vocabulary."""
+    import hashlib
+
+    path = tokenizer_file(location)
+    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
 # ------------------------------------------------------------------------------ writing shards
 
 

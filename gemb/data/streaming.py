@@ -133,16 +133,20 @@ class ReaderPlan:
         self._groups: dict[int, tuple[list[_Group], np.ndarray]] = {}
 
     def _epoch_groups(self, epoch: int) -> tuple[list[_Group], np.ndarray]:
-        if epoch not in self._groups:
+        cached = self._groups.get(epoch)
+        if cached is None:
             rng = np.random.default_rng([self.seed, _SHARD_ORDER_SALT, _task_key(self.task),
                                          epoch, self.reader])
             shards = rng.permutation(self.shard_ids)
             cycle = self.order.cycle_length
             groups = [_Group(chunk, [self.sizes[int(s)] for s in chunk])
                       for chunk in (shards[i:i + cycle] for i in range(0, len(shards), cycle))]
-            starts = np.cumsum([0] + [g.total for g in groups])
-            self._groups = {epoch: (groups, starts)}  # one epoch at a time is enough
-        return self._groups[epoch]
+            cached = groups, np.cumsum([0] + [g.total for g in groups])
+            # The reading thread may be an epoch ahead of the batches: keep two epochs. The
+            # dict is replaced, never changed in place, so the other thread sees either one.
+            self._groups = {**{e: g for e, g in self._groups.items() if e >= epoch - 1},
+                            epoch: cached}
+        return cached
 
     def locate(self, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard, record) of stream positions (before the window shuffle) of `epoch`."""

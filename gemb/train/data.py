@@ -237,22 +237,14 @@ class SeqioData(TrainingData):
             return vocab.TokenizerJsonVocabulary(path)
         return vocab.gemma3_vocabulary(path)
 
-    def tokenizer_file(self):
-        path = paths.as_path(self.vocabulary_dir)
-        if path.is_dir():
-            for name in ("tokenizer.model", "tokenizer.json"):
-                if (path / name).is_file():
-                    return path / name
-        return path
-
     def prepared_tasks(self) -> dict[str, PreparedTask]:
         """The prepared tasks, each checked against the run's vocabulary when it has one."""
-        import hashlib
+        from gemb.data import prepared
 
         tasks = {name: PreparedTask(name, str(folder)) for name, folder in (self.prepared or {}).items()}
         if tasks and self.vocabulary_dir is not None:
-            tokenizer = self.tokenizer_file()
-            digest = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+            tokenizer = prepared.tokenizer_file(self.vocabulary_dir)
+            digest = prepared.vocabulary_fingerprint(tokenizer)["sha256"]
             for task in tasks.values():
                 expected = task.info().vocabulary.get("sha256")
                 if expected != digest:

@@ -99,6 +99,26 @@ def test_one_process_with_two_readers_equals_two_processes(synthetic):
         assert whole.next_records() == halves[0].next_records() + halves[1].next_records()
 
 
+def _batches_and_resume(batcher, count, stop):
+    """(the tasks of `count` batches of a fresh batcher; its state after `stop` batches), after
+    checking that a batcher built from that state continues with exactly batches[stop:]."""
+    run = batcher()
+    batches, names = [], []
+    for _ in range(count):
+        batches.append(next(run))
+        names.append(run.last_task)
+    interrupted = batcher()
+    for _ in range(stop):
+        next(interrupted)
+    resumed = batcher(interrupted.state)
+    for expected in batches[stop:]:
+        got = next(resumed)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    return names, interrupted.state
+
+
 def test_a_mixture_of_prepared_tasks_batches_pads_packs_and_resumes(tmp_path, synthetic):
     task, _ = synthetic
     other_folder = tmp_path / "other"
@@ -113,24 +133,9 @@ def test_a_mixture_of_prepared_tasks_batches_pads_packs_and_resumes(tmp_path, sy
             [(task, 2.0), (other, 1.0)], batch_size=8, converter=FeatureConverter(config),
             shard_info=batching.ShardInfo(0, 1), state=state, stream_order=ORDER)
 
-    first = batcher()
-    batches, tasks = [], []
-    for _ in range(12):
-        batches.append(next(first))
-        tasks.append(first.last_task)
+    tasks, saved = _batches_and_resume(batcher, 12, 5)
     assert set(tasks) == {"pairs", "other"}
-    assert "num_readers" in first.state
-    saved = None
-    second = batcher()
-    for i in range(5):
-        next(second)
-    saved = second.state
-    resumed = batcher(saved)
-    for expected in batches[5:]:
-        got = next(resumed)
-        assert got.keys() == expected.keys()
-        for key in expected:
-            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    assert "num_readers" in saved
     with pytest.raises(ValueError, match="num_readers"):
         batching.TaskHomogeneousBatcher(
             [(task, 1.0)], batch_size=8, converter=FeatureConverter(config),
@@ -171,17 +176,16 @@ def test_prepared_and_in_memory_tasks_mix_and_resume(tmp_path, synthetic, make_t
             [(toy, 1.0), (task, 1.0)], batch_size=8, converter=FeatureConverter(config),
             shard_info=batching.ShardInfo(0, 1), state=state, stream_order=ORDER)
 
-    run = batcher()
-    batches, names = [], []
-    for _ in range(10):
-        batches.append(next(run))
-        names.append(run.last_task)
+    names, _ = _batches_and_resume(batcher, 10, 4)
     assert set(names) == {"mixed_toy", "pairs"}
-    interrupted = batcher()
-    for _ in range(4):
-        next(interrupted)
-    resumed = batcher(interrupted.state)
-    for expected in batches[4:]:
-        got = next(resumed)
-        for key in expected:
-            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_a_folder_tokenised_with_another_vocabulary_is_refused(tmp_path, synthetic):
+    from gemb.train.data import SeqioData
+
+    task, _ = synthetic
+    (tmp_path / "tokenizer.model").write_bytes(b"not the vocabulary the folder was made with")
+    data = SeqioData(vocabulary_dir=str(tmp_path), prepared={"pairs": task.folder},
+                     rates={"pairs": 1.0})
+    with pytest.raises(ValueError, match="another vocabulary"):
+        data.prepared_tasks()
