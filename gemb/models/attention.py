@@ -1,10 +1,12 @@
-"""Attention masks and grouped-query attention with QK-norm.
+"""Grouped-query attention with QK-norm, and what each layer may attend.
 
-Masks are boolean [batch, query, key] arrays built once per forward pass and shared by all
-layers of one type. Segment ids (0 = padding, 1.. = packed examples) keep packed examples apart.
-Local layers see keys within `window_reach` tokens: one-sided (0 <= i - j <= reach) in causal
-mode, as in the Gemma 3 LM, and symmetric (|i - j| <= reach) in bidirectional mode; see
-TransformerConfig.bidirectional_window for how the reach is chosen.
+Segment ids (0 = padding, 1.. = packed examples) keep packed examples apart. Local layers see
+keys within `window_reach` tokens: one-sided (0 <= i - j <= reach) in causal mode, as in the
+Gemma 3 LM, and symmetric (|i - j| <= reach) in bidirectional mode; see
+TransformerConfig.bidirectional_window for how the reach is chosen. How the scores are computed
+(dense, blockwise, a fused kernel) is TransformerConfig.attention_backend's choice
+(gemb/models/attention_backends.py); the dense backend's boolean [batch, query, key] masks are
+built once per forward pass and shared by all layers of one type.
 """
 
 from __future__ import annotations
@@ -13,31 +15,41 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gemb.models import layers
+from gemb.models import attention_backends, layers
 from gemb.models.config import AttentionType, TransformerConfig
 from gemb.partitioning.partitioner import constrain
 
-# Finite, so a padding query whose keys are all masked gives a harmless uniform row, not NaN.
-_MASKED_LOGIT = -2.3819763e38
+
+def layer_spec(config: TransformerConfig, attention_type: AttentionType
+               ) -> attention_backends.LayerSpec:
+    """What a layer of this type attends (mode and window), with the config's block size."""
+    reach = config.local_window_reach if attention_type == AttentionType.LOCAL_SLIDING else None
+    return attention_backends.LayerSpec(config.attention_mode, reach, config.attention_block_size)
 
 
 def attention_masks(segment_ids: jax.Array, mode: str, window_reach: int
                     ) -> dict[str, jax.Array]:
     """Boolean [B, T, S] masks for global and local (sliding-window) layers, by type value."""
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    key_is_token = (segment_ids != 0)[:, None, :]
-    allowed = same_segment & key_is_token
-    index = jnp.arange(segment_ids.shape[1])
-    offset = index[:, None] - index[None, :]  # query index minus key index
-    if mode == "causal":
-        allowed = allowed & (offset >= 0)[None]
-        window = offset <= window_reach
-    elif mode == "bidirectional":
-        window = jnp.abs(offset) <= window_reach
-    else:
-        raise ValueError(f"attention mode {mode!r}; use 'bidirectional' or 'causal'.")
-    return {AttentionType.GLOBAL.value: allowed,
-            AttentionType.LOCAL_SLIDING.value: allowed & window[None]}
+    return {AttentionType.GLOBAL.value: attention_backends.layer_mask(
+                segment_ids, attention_backends.LayerSpec(mode, None)),
+            AttentionType.LOCAL_SLIDING.value: attention_backends.layer_mask(
+                segment_ids, attention_backends.LayerSpec(mode, window_reach))}
+
+
+def attention_inputs(config: TransformerConfig, segment_ids: jax.Array, packed: bool
+                     ) -> dict[str, jax.Array]:
+    """What every layer's attention reads: the segment ids; the dense mask of each layer type
+    the 'xla' backend computes (built once here, not once per layer); and, for rows that each
+    hold one example from column 0 on (packed=False), their lengths: its presence is what tells
+    the layers (statically: it is part of the tree's structure) that the cudnn path applies."""
+    inputs = {"segment_ids": segment_ids}
+    if not packed:
+        inputs["row_lengths"] = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+    for attention_type in set(config.layer_attention_types()):
+        spec = layer_spec(config, attention_type)
+        if attention_backends.resolve_backend(config.attention_backend, spec, packed) == "xla":
+            inputs[attention_type.value] = attention_backends.layer_mask(segment_ids, spec)
+    return inputs
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -54,7 +66,9 @@ class Attention(nn.Module):
     attention_type: AttentionType
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, inputs: dict[str, jax.Array]
+                 ) -> jax.Array:
+        """inputs: `attention_inputs` (segment ids, dense masks, row lengths)."""
         cfg = self.config
         # Upstream Gemma nests each kernel in its own einsum module ({"q_einsum": {"w": ...}}).
         q_kernel = self._einsum_param("q_einsum", ("heads", "embed", "head_dim"),
@@ -79,15 +93,11 @@ class Attention(nn.Module):
         key = layers.apply_rope(key, positions, base, scale_factor)
         query = query * jnp.asarray(cfg.query_scale, query.dtype)
 
-        batch, length, _, head_dim = query.shape
-        groups = cfg.num_heads // cfg.num_kv_heads
-        grouped_query = query.reshape(batch, length, cfg.num_kv_heads, groups, head_dim)
-        logits = jnp.einsum("btkgh,bskh->bkgts", grouped_query, key).astype(jnp.float32)
-        logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED_LOGIT)
-        probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-        encoded = jnp.einsum("bkgts,bskh->btkgh", probs, value)
-        encoded = encoded.reshape(batch, length, cfg.num_heads, head_dim)
-        return jnp.einsum("btnh,nhd->btd", encoded, out_kernel)
+        encoded = attention_backends.attend(
+            query, key, value, inputs["segment_ids"], layer_spec(cfg, self.attention_type),
+            cfg.attention_backend, packed="row_lengths" not in inputs,
+            mask=inputs.get(self.attention_type.value))
+        return jnp.einsum("btnh,nhd->btd", encoded.astype(value.dtype), out_kernel)
 
     def _einsum_param(self, module_name: str, axes, shape) -> jax.Array:
         return _EinsumKernel(axes, shape, self.config.param_dtype, name=module_name)().astype(

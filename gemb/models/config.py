@@ -25,6 +25,8 @@ class AttentionType(enum.Enum):
 GEMMA3_ATTENTION_PATTERN = (AttentionType.LOCAL_SLIDING,) * 5 + (AttentionType.GLOBAL,)
 
 RematPolicy = Literal["none", "full", "dots", "dots_with_no_batch_dims", "save_attn_out"]
+AttentionBackend = Literal["auto", "xla", "blockwise", "splash", "pallas_gpu", "cudnn"]
+ATTENTION_BACKENDS = ("auto", "xla", "blockwise", "splash", "pallas_gpu", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,12 @@ class TransformerConfig:
     # use_bidirectional_attention. "full" reaches w - 1 tokens to each side, |i - j| < w (twice
     # the keys the LM was trained with).
     bidirectional_window: Literal["split", "full"] = "split"
+    # How attention scores are computed (gemb/models/attention_backends.py): "auto" picks the
+    # platform's best (splash on TPU, cuDNN / Pallas flash + blockwise on GPU, blockwise on
+    # CPU); "xla" is the dense reference.
+    attention_backend: AttentionBackend = "auto"
+    # Query rows per block of the blockwise backend: a layer holds one block's scores.
+    attention_block_size: int = 512
     scan_layers: bool = True
     remat_policy: RematPolicy = "none"
     # Compute dtype of activations; parameters are kept in param_dtype (fp32 master weights).
@@ -71,6 +79,12 @@ class TransformerConfig:
         if self.bidirectional_window not in ("split", "full"):
             raise ValueError(f"{self.name}: bidirectional_window={self.bidirectional_window!r}; "
                              "use 'split' or 'full'.")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"{self.name}: attention_backend={self.attention_backend!r}; use "
+                             f"one of {ATTENTION_BACKENDS}.")
+        if self.attention_block_size < 1:
+            raise ValueError(f"{self.name}: attention_block_size={self.attention_block_size} "
+                             "must be a positive number of query rows.")
         if self.attention_mode not in ("bidirectional", "causal"):
             raise ValueError(
                 f"{self.name}: attention_mode={self.attention_mode!r}; use 'bidirectional' or 'causal'."

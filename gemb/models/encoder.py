@@ -33,7 +33,8 @@ class Encoder(nn.Module):
           segment_ids: int [B, L], 0 on padding, 1..num_segments for the examples of a row.
             Defaults to one example filling each row.
           positions: int [B, L]; default: restart at 0 in every segment.
-          num_segments: static number of example slots per row.
+          num_segments: static number of example slots per row. 1 promises one example per
+            row from column 0 on (then padding), the padded layout: a GPU then uses cuDNN.
 
         Returns a dict:
           pooled [B, S, D]: pooled final hidden states (before the head), float32;
@@ -43,7 +44,7 @@ class Encoder(nn.Module):
         """
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens, jnp.int32)
-        hidden = self.transformer(tokens, segment_ids, positions)
+        hidden = self.transformer(tokens, segment_ids, positions, packed=num_segments > 1)
         pooled = pooling.POOLERS[self.config.pooling](hidden, segment_ids, num_segments)
         projected = self.head(pooled) if self.head is not None else pooled
         projected = projected.astype(jnp.float32)

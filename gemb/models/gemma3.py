@@ -35,11 +35,11 @@ class Block(nn.Module):
     attention_type: AttentionType
 
     @nn.compact
-    def __call__(self, x, positions, masks):
+    def __call__(self, x, positions, attention_inputs):
         cfg = self.config
         norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)  # noqa
         attended = attention.Attention(cfg, self.attention_type, name="attn")(
-            norm("pre_attention_norm")(x), positions, masks[self.attention_type.value])
+            norm("pre_attention_norm")(x), positions, attention_inputs)
         attended = checkpoint_name(attended, "attn_out")
         x = x + norm("post_attention_norm")(attended)
         mlp_out = layers.FeedForward(cfg.embed_dim, cfg.hidden_dim, cfg.dtype, cfg.param_dtype,
@@ -65,10 +65,11 @@ class Period(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, positions, masks):
+    def __call__(self, x, positions, attention_inputs):
         block_cls = _maybe_remat(Block, self.config)
         for slot, attention_type in enumerate(self.config.attention_pattern):
-            x = block_cls(self.config, attention_type, name=f"layer_{slot}")(x, positions, masks)
+            x = block_cls(self.config, attention_type, name=f"layer_{slot}")(
+                x, positions, attention_inputs)
         return x, None
 
 
@@ -99,13 +100,16 @@ class Transformer(nn.Module):
         self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None, return_logits: bool = False):
+                 positions: jax.Array | None = None, return_logits: bool = False,
+                 packed: bool = True):
         """Args:
           tokens: int [B, L].
           segment_ids: int [B, L]; 0 marks padding, 1, 2, ... the examples packed in a row.
             Defaults to one segment over every position (no padding).
           positions: int [B, L]; defaults to positions restarting at 0 in every segment.
           return_logits: also return [B, L, vocab] logits from the tied embedding.
+          packed: rows may hold several examples (static). False promises one example per row
+            starting at column 0 (the padded layout), which lets a GPU use cuDNN's kernel.
         """
         cfg = self.config
         if tokens.ndim != 2:
@@ -114,14 +118,14 @@ class Transformer(nn.Module):
             segment_ids = jnp.ones_like(tokens, jnp.int32)
         if positions is None:
             positions = attention.positions_from_segments(segment_ids)
-        masks = attention.attention_masks(segment_ids, cfg.attention_mode, cfg.local_window_reach)
+        attention_inputs = attention.attention_inputs(cfg, segment_ids, packed)
 
         x = self.embedder.encode(tokens)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         if cfg.num_scanned_periods:
-            x, _ = self.scanned_layers(x, positions, masks)
+            x, _ = self.scanned_layers(x, positions, attention_inputs)
         for block in self.unscanned_layers:
-            x = block(x, positions, masks)
+            x = block(x, positions, attention_inputs)
         hidden = self.final_norm(x)
         if return_logits:
             return hidden, self.embedder.decode(hidden)

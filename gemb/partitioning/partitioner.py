@@ -202,6 +202,12 @@ _ACTIVE: contextvars.ContextVar[Partitioner | None] = contextvars.ContextVar(
     "gemb_active_partitioner", default=None)
 
 
+def active_partitioner() -> Partitioner | None:
+    """The Partitioner of the enclosing `activation_context`, if any (kernels that XLA cannot
+    partition use its mesh to run per shard)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Sharding hint for a large activation from its logical axis names; a no-op outside a
     `Partitioner.activation_context()` (single-device use, tests of a bare module)."""
