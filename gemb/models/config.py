@@ -165,6 +165,17 @@ TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
 }
 
 
+def default_compute_dtype(platform: str | None = None) -> str:
+    """bfloat16 on accelerators (their matrix units run bf16 at full rate; parameters, the
+    optimizer state, norms, softmax and the loss stay float32), float32 on CPU (no bf16 speed-up,
+    and the tests compare against float32 references)."""
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
 def transformer_preset(name: str) -> TransformerConfig:
     try:
         return TRANSFORMER_PRESETS[name]

@@ -30,14 +30,18 @@ log = logging.getLogger(__name__)
 
 def encoder_config(preset: str = gin.REQUIRED, head_dims: Sequence[int] = (3072,),
                    matryoshka_dims: Sequence[int] = (3072, 1536, 768), pooling: str = "mean",
-                   dtype: str = "float32", param_dtype: str = "float32",
+                   dtype: str = "auto", param_dtype: str = "float32",
                    remat_policy: str = "none", scan_layers: bool = True,
                    **transformer_changes) -> model_config.EncoderConfig:
     """An EncoderConfig from a named preset (gemb.models.config) with changes.
 
-    dtype is the compute dtype ('bfloat16' with param_dtype 'float32' = fp32 master weights,
-    bf16 compute); transformer_changes override other TransformerConfig fields.
+    dtype is the compute dtype: 'auto' (the default) is bfloat16 on TPU and GPU and float32 on
+    CPU (model_config.default_compute_dtype); with param_dtype 'float32' that is fp32 master
+    weights and bf16 compute (docs/models.md, "Precision"). transformer_changes override other
+    TransformerConfig fields (attention_backend, attention_block_size, ...).
     """
+    if dtype == "auto":
+        dtype = model_config.default_compute_dtype()
     transformer = model_config.transformer_preset(preset).replace(
         dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy, scan_layers=scan_layers,
         **transformer_changes)

@@ -14,6 +14,7 @@ import dataclasses
 import re
 from typing import Any, Sequence
 
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -117,8 +118,10 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> Optimizer:
     parts = []
     if config.clip_norm:
         parts.append(optax.clip_by_global_norm(config.clip_norm))
+    # The first moment is kept in float32 even for bf16 parameters: the running mean of small
+    # gradients is where bf16's 8-bit mantissa would lose the update.
     parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                             weight_decay=config.weight_decay,
+                             weight_decay=config.weight_decay, mu_dtype=jnp.float32,
                              mask=lambda p: decay_mask(p, config.no_decay_patterns)))
     return Optimizer(optax.chain(*parts), schedule, config.freeze_patterns)
 

@@ -54,3 +54,26 @@ def test_preset_details():
 def test_unknown_preset_names_the_choices():
     with pytest.raises(ValueError, match="gemma3_270m"):
         config.transformer_preset("gemma3_2b")
+
+
+def test_compute_dtype_is_bf16_on_accelerators_and_fp32_on_cpu():
+    assert config.default_compute_dtype("tpu") == "bfloat16"
+    assert config.default_compute_dtype("gpu") == "bfloat16"
+    assert config.default_compute_dtype("cpu") == "float32"
+    # These tests run on CPU: the gin default resolves to float32 here.
+    assert config.default_compute_dtype() == "float32"
+
+
+def test_bf16_compute_keeps_norms_softmax_and_outputs_in_fp32():
+    """bf16 compute with fp32 params: the embeddings come out float32 and stay close to the
+    fp32 model's (bf16 has an 8-bit mantissa: about 1e-2 relative)."""
+    fp32 = config.TINY_ENCODER
+    bf16 = fp32.replace(transformer=fp32.transformer.replace(dtype="bfloat16"))
+    tokens = jax.random.randint(jax.random.key(0), (2, 24), 3, 512)
+    params = encoder.Encoder(fp32).init(jax.random.key(1), tokens)["params"]
+    want = encoder.Encoder(fp32).apply({"params": params}, tokens)["projected"]
+    got = encoder.Encoder(bf16).apply({"params": params}, tokens)["projected"]
+    assert got.dtype == jnp.float32
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+    cosine = jnp.sum(want * got, -1) / (jnp.linalg.norm(want, axis=-1) * jnp.linalg.norm(got, axis=-1))
+    assert float(jnp.min(cosine)) > 0.99, cosine

@@ -86,3 +86,13 @@ def test_freeze_patterns_are_checked():
         optimizers.OptimizerConfig(freeze_patterns=("(",))
     with pytest.raises(ValueError, match="schedule"):
         optimizers.OptimizerConfig(schedule="step")
+
+
+def test_adam_first_moment_is_fp32_even_for_bf16_params():
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
+    optimizer = optimizers.make_optimizer(optimizers.OptimizerConfig(), total_steps=10)
+    state = optimizer.tx.init(bf16)
+    moments = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
+               if hasattr(s, "mu")]
+    assert moments, "no Adam state found"
+    assert {leaf.dtype for leaf in jax.tree.leaves(moments[0].mu)} == {jnp.dtype(jnp.float32)}
