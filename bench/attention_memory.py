@@ -5,7 +5,7 @@
 
 Nothing is allocated or run: parameters and the batch are abstract (jax.ShapeDtypeStruct) and
 each gradient (value_and_grad of the contrastive loss over every parameter: query and positive
-rows of T tokens, bf16 compute, fp32 params, scanned layers, no remat) is only lowered and
+rows of T tokens, bf16 compute, fp32 params, scanned layers, no remat unless --remat) is only lowered and
 compiled for the first CPU device; XLA's memory_analysis() gives the buffers it planned. The
 Pallas kernels (splash, pallas_gpu) do not compile for XLA:CPU outside interpret mode, so on CPU
 this compares 'xla' (dense scores) with 'blockwise' (query blocks, the window's band on local
@@ -29,9 +29,10 @@ GIB = 2**30
 
 
 def compiled_memory(preset: str, backend: str, length: int, batch: int, block: int,
-                    dtype: str) -> dict[str, float]:
+                    dtype: str, remat: str = "none") -> dict[str, float]:
     transformer = transformer_preset(preset).replace(attention_backend=backend,
-                                                     attention_block_size=block, dtype=dtype)
+                                                     attention_block_size=block, dtype=dtype,
+                                                     remat_policy=remat)
     model = EmbeddingModel(EncoderConfig(transformer=transformer))
     features = full_length_features(
         FeatureConverterConfig(query_length=length, document_length=length, length_buckets=()),
@@ -54,15 +55,16 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["xla", "blockwise"])
     parser.add_argument("--block", type=int, default=512, help="attention_block_size")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--remat", default="none", help="TransformerConfig.remat_policy")
     args = parser.parse_args()
     print(f"{args.preset}, batch {args.batch} (query + positive rows of T tokens), compute "
-          f"{args.dtype}, block {args.block}; temporaries of value_and_grad, XLA:CPU plan")
+          f"{args.dtype}, block {args.block}, remat {args.remat}; temporaries of value_and_grad, XLA:CPU plan")
     print(f"{'T':>6} " + " ".join(f"{b + ' GiB':>16}" for b in args.backends) + "   ratio")
     for length in args.lengths:
         temps = []
         for backend in args.backends:
             result = compiled_memory(args.preset, backend, length, args.batch, args.block,
-                                     args.dtype)
+                                     args.dtype, args.remat)
             temps.append(result["temp_gib"])
         ratio = temps[0] / temps[-1] if temps[-1] else float("nan")
         print(f"{length:>6} " + " ".join(f"{t:>16.2f}" for t in temps) + f"   {ratio:5.2f}x",

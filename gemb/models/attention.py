@@ -47,7 +47,8 @@ def attention_inputs(config: TransformerConfig, segment_ids: jax.Array, packed: 
         inputs["row_lengths"] = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
     for attention_type in set(config.layer_attention_types()):
         spec = layer_spec(config, attention_type)
-        if attention_backends.resolve_backend(config.attention_backend, spec, packed) == "xla":
+        if attention_backends.resolve_backend(config.attention_backend, spec, packed,
+                                              segment_ids.shape[1]) == "xla":
             inputs[attention_type.value] = attention_backends.layer_mask(segment_ids, spec)
     return inputs
 

@@ -20,7 +20,7 @@ which runs the layer on the backend TransformerConfig.attention_backend names:
              layers of padded rows (one example per row, tokens first: the feature
              converter's padded layout), where sequence lengths describe the mask; packed rows
              and bidirectional windows (which cuDNN refuses) use pallas_gpu / blockwise.
-  auto       the best of these for the platform (`resolve_backend`).
+  auto       the best of these for the platform and row length (`resolve_backend`).
 
 Outputs at padding positions (segment id 0) are unspecified and differ between backends;
 nothing reads them (padding keys are masked for every real query and pooling skips padding).
@@ -84,16 +84,22 @@ class LayerSpec:
         return self.window_reach
 
 
-def resolve_backend(backend: str, spec: LayerSpec, packed: bool,
+def resolve_backend(backend: str, spec: LayerSpec, packed: bool, length: int,
                     platform: str | None = None) -> str:
-    """The backend that computes a layer: `backend` itself, or what it falls back to where its
-    kernel does not apply (see the module docstring), or for 'auto' the platform's best."""
+    """The backend that computes a layer on rows of `length`: `backend` itself, or what it
+    falls back to where its kernel does not apply (see the module docstring), or for 'auto' the
+    platform's best: on CPU the dense path for rows of one block (blockwise would be the same
+    computation plus the backward's re-computation), blockwise for longer rows."""
     if backend not in BACKENDS:
         raise ValueError(f"attention_backend={backend!r}; choose one of {BACKENDS}.")
     platform = platform or jax.default_backend()
     if backend == "auto":
-        backend = {"tpu": "splash", "gpu": "cudnn" if not packed else "pallas_gpu",
-                   "cuda": "cudnn" if not packed else "pallas_gpu"}.get(platform, "blockwise")
+        if platform == "tpu":
+            backend = "splash"
+        elif platform in ("gpu", "cuda"):
+            backend = "pallas_gpu" if packed else "cudnn"
+        else:
+            backend = "xla" if length <= spec.block_size else "blockwise"
     local = spec.window_reach is not None
     if backend == "pallas_gpu" and local:
         return "blockwise"
@@ -116,7 +122,7 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.
     mask: the xla backend's precomputed [B, T, S] boolean mask (built from segment_ids if None).
     Returns [B, T, N, H] in the dtype of `value`.
     """
-    chosen = resolve_backend(backend, spec, packed)
+    chosen = resolve_backend(backend, spec, packed, query.shape[1])
     if chosen == "xla":
         if mask is None:
             mask = layer_mask(segment_ids, spec)

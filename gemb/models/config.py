@@ -59,8 +59,8 @@ class TransformerConfig:
     # the keys the LM was trained with).
     bidirectional_window: Literal["split", "full"] = "split"
     # How attention scores are computed (gemb/models/attention_backends.py): "auto" picks the
-    # platform's best (splash on TPU, cuDNN / Pallas flash + blockwise on GPU, blockwise on
-    # CPU); "xla" is the dense reference.
+    # platform's best (splash on TPU, cuDNN / Pallas flash + blockwise on GPU, blockwise for
+    # rows longer than one block on CPU); "xla" is the dense reference.
     attention_backend: AttentionBackend = "auto"
     # Query rows per block of the blockwise backend: a layer holds one block's scores.
     attention_block_size: int = 512

@@ -137,7 +137,7 @@ def test_backend_resolution_per_platform_and_layer():
     local = backends.LayerSpec("bidirectional", 256)
     glob = backends.LayerSpec("bidirectional", None)
     causal_local = backends.LayerSpec("causal", 256)
-    resolve = backends.resolve_backend
+    resolve = functools.partial(backends.resolve_backend, length=2048)
     assert resolve("auto", glob, packed=False, platform="tpu") == "splash"
     assert resolve("auto", local, packed=True, platform="tpu") == "splash"
     assert resolve("auto", glob, packed=False, platform="gpu") == "cudnn"
@@ -146,7 +146,9 @@ def test_backend_resolution_per_platform_and_layer():
     assert resolve("auto", local, packed=False, platform="gpu") == "blockwise"
     assert resolve("cudnn", causal_local, packed=False, platform="gpu") == "cudnn"
     assert resolve("pallas_gpu", local, packed=True, platform="gpu") == "blockwise"
+    # CPU: blocks for rows longer than one block, the dense path (no re-computation) otherwise.
     assert resolve("auto", glob, packed=True, platform="cpu") == "blockwise"
+    assert backends.resolve_backend("auto", glob, True, length=512, platform="cpu") == "xla"
     assert resolve("xla", local, packed=True, platform="tpu") == "xla"
     with pytest.raises(ValueError, match="attention_backend='flash'"):
         resolve("flash", glob, packed=True)
