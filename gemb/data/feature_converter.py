@@ -38,6 +38,15 @@ Row lengths come from a few buckets (`FeatureConverterConfig.buckets`): the smal
 holding the role's longest example (padded), or among a few at or above it the one that needs
 the fewest token positions (packed); packed row counts are rounded up to a row bucket.
 
+Pack groups (packed only; `FeatureConverter(pack_groups=n)`, the train step's microbatches):
+example b of a host's batch belongs to group b % n, and each group is packed into rows of its
+own, group m's j-th row at row j * n + m, every group with the same number of rows. With
+B_host a multiple of n, example b's global index is congruent to b (mod n) and so is its row's
+global index, so the step's strided split (gemb.losses.split_rows) of examples and rows hands
+microbatch m exactly its examples and their rows. Slots still count rows of the whole global
+batch (a grouped batch is a valid full batch); the microbatched step renumbers them
+(EmbeddingModel.split_microbatches).
+
 Texts are cut to fit here, and only here: the task pipeline tokenises without trimming, so the
 one place that knows how many special tokens a row carries decides how much text fits.
 
@@ -235,22 +244,27 @@ class BatchPlan:
 class FeatureConverter:
     """Turns `TokenBatch`es into model features (see the module docstring).
 
-    row_multiple: packed row counts are multiples of this (the number of data-parallel devices
-    of this host), so every device gets whole rows. It is a property of the run's mesh, not of
-    the configuration, and is ignored in the padded layout (its rows are the examples).
+    row_multiple: each pack group's packed row count is a multiple of this (the data-parallel
+    devices of this host, times the gradient-cache chunks of a microbatch: gemb.train.trainer.
+    packed_row_multiple), so every device gets whole rows of every chunk. It is a property of
+    the run's mesh and step, not of the configuration, and is ignored in the padded layout (its
+    rows are the examples).
     shard_index: this host's block of the global batch (its rows follow shard_index equal
     blocks of the other hosts). Packed slots index the GLOBAL rows, so they are offset by the
     rows before this host's block; hosts must then convert with one agreed layout.
+    pack_groups: pack examples b % pack_groups == m into rows of their own (the module
+    docstring): the train step's microbatches. Ignored in the padded layout.
     """
 
     def __init__(self, config: FeatureConverterConfig = FeatureConverterConfig(),
-                 row_multiple: int = 1, shard_index: int = 0):
-        if row_multiple < 1 or shard_index < 0:
-            raise ValueError(f"row_multiple must be >= 1 and shard_index >= 0, got "
-                             f"{row_multiple} and {shard_index}")
+                 row_multiple: int = 1, shard_index: int = 0, pack_groups: int = 1):
+        if row_multiple < 1 or shard_index < 0 or pack_groups < 1:
+            raise ValueError(f"row_multiple and pack_groups must be >= 1 and shard_index >= 0, "
+                             f"got {row_multiple}, {pack_groups} and {shard_index}")
         self.config = config
         self.row_multiple = row_multiple
         self.shard_index = shard_index
+        self.pack_groups = pack_groups
 
     # -- special tokens and trimming ----------------------------------------------------------
 
@@ -348,7 +362,28 @@ class FeatureConverter:
                 used = np.concatenate([used, counts])
         return row, start, segment, len(free)
 
-    def _role_placement(self, tokens: RoleTokens, role: str) -> tuple[dict[str, int], tuple]:
+    def _pack_groups(self, lengths: np.ndarray, group: np.ndarray, capacity: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """`_pack` of each group's texts on its own: (row, start, segment) per text with group
+        m's j-th row at row j * pack_groups + m, and the most rows a group needs."""
+        groups = self.pack_groups
+        if groups == 1:
+            return self._pack(lengths, capacity)
+        row = np.full(len(lengths), -1, np.int64)
+        start = np.zeros(len(lengths), np.int64)
+        segment = np.zeros(len(lengths), np.int64)
+        rows_per_group = 0
+        for m in range(groups):
+            members = np.flatnonzero(group == m)
+            own_row, own_start, own_segment, used = self._pack(lengths[members], capacity)
+            row[members] = np.where(own_row >= 0, own_row * groups + m, -1)
+            start[members] = own_start
+            segment[members] = own_segment
+            rows_per_group = max(rows_per_group, used)
+        return row, start, segment, rows_per_group
+
+    def _role_placement(self, tokens: RoleTokens, role: str, texts_per_example: int
+                        ) -> tuple[dict[str, int], tuple]:
         """The role's own layout and where each text goes: (row, start column, segment id)."""
         cfg = self.config
         count = len(tokens.lengths)
@@ -373,24 +408,34 @@ class FeatureConverter:
             _bucket(min(2 * max(longest, 1), buckets[-1]), buckets),
             _bucket(min(int(cfg.segments_per_row * mean), buckets[-1]), buckets),
         })
+        # Text i belongs to example i // texts_per_example, and so to its pack group.
+        group = (np.arange(count) // max(texts_per_example, 1)) % self.pack_groups
         best = None
         for candidate in candidates:
-            row, start, segment, rows = self._pack(tokens.lengths, candidate)
+            row, start, segment, rows = self._pack_groups(tokens.lengths, group, candidate)
             if rows:
-                rows = round_up_rows(rows, self.row_multiple, cfg.row_buckets_per_octave)
+                rows = self.pack_groups * round_up_rows(rows, self.row_multiple,
+                                                        cfg.row_buckets_per_octave)
             if best is None or rows * candidate < best[0]["rows"] * best[0]["length"]:
                 best = ({"rows": rows, "length": candidate, "segments": cfg.segments_per_row}, (row, start, segment))
         return best
 
     def plan(self, batch: TokenBatch) -> BatchPlan:
         """Cuts, adds special tokens and places every text, once; `convert` takes the result."""
+        if self.config.pack and batch.batch_size % self.pack_groups:
+            raise ValueError(
+                f"a batch of {batch.batch_size} examples on this host cannot be packed in "
+                f"pack_groups={self.pack_groups} (the step's microbatches): each host's batch "
+                f"must be a multiple of {self.pack_groups}; use a global batch size that is a "
+                "multiple of microbatches x hosts.")
         roles = {
             "query": self._finalize(batch.query, "query"),
             "positive": self._finalize(batch.positive, "positive"),
             "negatives": self._finalize(self._pad_negatives(batch), "negatives"),
         }
         k = len(roles["negatives"].lengths) // max(batch.batch_size, 1)
-        placements = {role: self._role_placement(tokens, role) for role, tokens in roles.items()}
+        placements = {role: self._role_placement(tokens, role, k if role == "negatives" else 1)
+                      for role, tokens in roles.items()}
         return BatchPlan(batch.batch_size, k, roles, placements)
 
     # -- conversion ---------------------------------------------------------------------------
@@ -417,6 +462,11 @@ class FeatureConverter:
                     f"layout {dict(layout)} is too small for this batch's {role} ({mine}); pass the "
                     "elementwise max of every host's plan layout."
                 )
+            if self.config.pack and rows % self.pack_groups:
+                raise ValueError(
+                    f"layout {dict(layout)} gives {role} {rows} rows, not a multiple of "
+                    f"pack_groups={self.pack_groups}; every host must plan with the same "
+                    "pack_groups (the layout's rows are pack_groups x rows per group).")
             present = tokens.lengths > 0
             token_ids = np.full((rows, length), self.config.pad_id, np.int32)
             segment_ids = np.zeros((rows, length), np.int32)
@@ -462,16 +512,20 @@ class FeatureConverter:
 
 
 def full_length_features(config: FeatureConverterConfig, batch_size: int,
-                         num_negatives: int = 0) -> dict[str, np.ndarray]:
+                         num_negatives: int = 0, row_multiple: int = 1,
+                         pack_groups: int = 1) -> dict[str, np.ndarray]:
     """A batch whose every text fills its row: the largest features `config` makes for that
-    batch size and K (what an ahead-of-time compile must fit, e.g. gemb precompile)."""
+    batch size and K (what an ahead-of-time compile must fit, e.g. gemb precompile), with a
+    FeatureConverter of that row_multiple and pack_groups."""
     def texts(count: int, role: str) -> RoleTokens:
         return RoleTokens.from_lists([[3] * config.max_length(role)] * count)
 
     batch = TokenBatch(texts(batch_size, "query"), texts(batch_size, "positive"),
                        texts(batch_size * num_negatives, "negatives"),
                        np.full(batch_size, num_negatives, np.int32))
-    return FeatureConverter(dataclasses.replace(config, num_negatives=num_negatives)).convert(batch)
+    converter = FeatureConverter(dataclasses.replace(config, num_negatives=num_negatives),
+                                 row_multiple=row_multiple, pack_groups=pack_groups)
+    return converter.convert(batch)
 
 
 def agree_across_processes(layout: Mapping[str, int]) -> dict[str, int]:
@@ -491,6 +545,45 @@ def agree_across_processes(layout: Mapping[str, int]) -> dict[str, int]:
 def is_packed(features: Mapping[str, np.ndarray]) -> bool:
     """Which of the two layouts (module docstring) a feature dict is in."""
     return "query_slot" in features
+
+
+def check_pack_groups(features: Mapping[str, np.ndarray], pack_groups: int) -> None:
+    """Raises unless every example of this host's packed batch lies in its pack group's rows
+    (example b in a row congruent to b modulo pack_groups: the module docstring), which the
+    microbatched step needs. Padded batches and pack_groups=1 always pass."""
+    if pack_groups == 1 or not is_packed(features):
+        return
+    batch_size = len(features["query_hash"])
+    fix = (f"convert with FeatureConverter(pack_groups={pack_groups}) (gemb.train.run passes "
+           f"DataShard.pack_groups = StepConfig.microbatches to TrainingData.make)")
+    if batch_size % pack_groups:
+        raise ValueError(f"a packed batch of {batch_size} examples on this host cannot be split "
+                         f"into {pack_groups} microbatches; use a global batch size that is a "
+                         "multiple of microbatches x hosts.")
+    group = np.arange(batch_size) % pack_groups
+    for role, slot_name in (("query", "query_slot"), ("positive", "positive_slot"),
+                            ("negatives", "negative_slot")):
+        if f"{role}_tokens" not in features:
+            continue
+        rows = features[f"{role}_tokens"].shape[0]
+        if rows % pack_groups:
+            raise ValueError(f"the packed {role} block has {rows} rows, not a multiple of the "
+                             f"{pack_groups} microbatches; {fix}.")
+        slots = np.asarray(features[slot_name])
+        present = np.ones(slots.shape, bool)
+        example_group = group
+        if role == "negatives":
+            present = np.asarray(features["negative_mask"])
+            example_group = group[:, None]
+        row = slots // features[f"{role}_segment_mask"].shape[1]
+        wrong = np.argwhere(present & (row % pack_groups != example_group))
+        if len(wrong):
+            b, bad_row = int(wrong[0][0]), int(row[tuple(wrong[0])])
+            raise ValueError(
+                f"packed batch: example {b}'s {role} lies in row {bad_row}, which microbatch "
+                f"{bad_row % pack_groups} holds, not its own microbatch {b % pack_groups} of "
+                f"{pack_groups}: each microbatch's examples must be packed into rows of their "
+                f"own; {fix}.")
 
 
 def num_tokens(features: Mapping[str, np.ndarray]) -> int:

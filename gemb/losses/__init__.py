@@ -11,6 +11,7 @@ from gemb.losses.contrastive import (
 from gemb.losses.gradcache import (
     full_batch_value_and_grad,
     global_batch_size,
+    gradient_cached_rows_value_and_grad,
     gradient_cached_value_and_grad,
     split_rows,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "embedding_prefix",
     "full_batch_value_and_grad",
     "global_batch_size",
+    "gradient_cached_rows_value_and_grad",
     "gradient_cached_value_and_grad",
     "initial_log_temperature",
     "matryoshka_contrastive_loss",

@@ -44,18 +44,30 @@ class DataShard:
         (Partitioner.data_layout); block `index` holds rows [index * B / count,
         (index + 1) * B / count) of each global batch of B. Processes that differ only along
         model axes share a block and build the same rows.
-      row_multiple: packed row counts are multiples of this (this process's data-parallel
-        devices), so the placed batch splits into whole rows per device.
+      row_multiple: each pack group's packed row count is a multiple of this (this process's
+        data-parallel devices x the gradient-cache chunks of a microbatch:
+        gemb.train.trainer.packed_row_multiple), so the placed batch splits into whole rows per
+        device and every role's rows into the chunks.
+      pack_groups: the step's microbatches; a packed batch packs each microbatch's examples
+        into rows of its own (FeatureConverter pack_groups). A TrainingData must honour both
+        (the built-in ones pass them to their FeatureConverter); the Trainer checks the groups.
     """
 
     index: int = 0
     count: int = 1
     row_multiple: int = 1
+    pack_groups: int = 1
 
     def __post_init__(self):
-        if not 0 <= self.index < self.count or self.row_multiple < 1:
+        if not 0 <= self.index < self.count or self.row_multiple < 1 or self.pack_groups < 1:
             raise ValueError(f"DataShard(index={self.index}, count={self.count}, "
-                             f"row_multiple={self.row_multiple}) is not a valid shard.")
+                             f"row_multiple={self.row_multiple}, pack_groups={self.pack_groups}) "
+                             "is not a valid shard.")
+
+    def converter(self, config: FeatureConverterConfig) -> FeatureConverter:
+        """The FeatureConverter that writes this shard's batches."""
+        return FeatureConverter(config, row_multiple=self.row_multiple, shard_index=self.index,
+                                pack_groups=self.pack_groups)
 
 
 class BatchIterator(Protocol):
@@ -133,8 +145,7 @@ class SyntheticIterator:
                              f"{shard.count} processes.")
         self.batch_index = int(state.get("batch_index", 0))
         self.shard = shard
-        self.converter = FeatureConverter(spec.features, row_multiple=shard.row_multiple,
-                                          shard_index=shard.index)
+        self.converter = shard.converter(spec.features)
         rng = np.random.default_rng([spec.seed, 99])
         self.topics = rng.integers(3, spec.vocab_size, size=(spec.num_topics, 8))
 
@@ -282,8 +293,7 @@ class SeqioData(TrainingData):
             entries = [(task, float(mixture.get_rate(task))) for task in mixture.tasks] + entries
         return batching.TaskHomogeneousBatcher(
             entries, batch_size=self.batch_size,
-            converter=FeatureConverter(self.features, row_multiple=shard.row_multiple,
-                                       shard_index=shard.index),
+            converter=shard.converter(self.features),
             split=self.split, seed=self.seed,
             shard_info=batching.ShardInfo(index=shard.index, num_shards=shard.count),
             state=dict(state or {}) or None, prefetch=self.prefetch,

@@ -175,22 +175,33 @@ class WholeObjectFile(io.RawIOBase):
 
 @dataclasses.dataclass
 class ConsoleLogger:
-    """One line every `every` steps: loss, in-batch accuracy, steps/s, tokens/s, ETA."""
+    """One line every `every` steps: loss, in-batch accuracy, steps/s, tokens/s, MFU, ETA.
+
+    peak_flops: the bf16 peak FLOP/s of ALL devices of the run together (gemb.train.flops); with
+    it, and model FLOPs added per step (`add_flops`), the line shows the model FLOPs
+    utilisation of the window; None leaves MFU out.
+    """
 
     total_steps: int
     every: int = 10
     print_fn: Callable[[str], None] = print
+    peak_flops: float | None = None
 
     def __post_init__(self):
         self._last_time = time.time()
         self._last_step: int | None = None
         self._tokens = 0
+        self._flops = 0
 
     def start(self, step: int) -> None:
-        self._last_time, self._last_step, self._tokens = time.time(), step, 0
+        self._last_time, self._last_step, self._tokens, self._flops = time.time(), step, 0, 0
 
     def add_tokens(self, tokens: int) -> None:
         self._tokens += tokens
+
+    def add_flops(self, flops: int) -> None:
+        """Model FLOPs of a step read in this window (gemb.train.flops.train_step_flops)."""
+        self._flops += flops
 
     def maybe_log(self, step: int, metrics: Mapping[str, float]) -> dict[str, float] | None:
         """step = steps completed so far. Returns the rate metrics when a line was printed."""
@@ -206,8 +217,14 @@ class ConsoleLogger:
             self.print_fn(line)
             return None
         rates = {"steps_per_second": steps / elapsed, "tokens_per_second": self._tokens / elapsed}
+        utilization = ""
+        if self.peak_flops:
+            # The same window as the rates, so the compiling first step stays out of it too.
+            rates["mfu"] = self._flops / elapsed / self.peak_flops
+            utilization = f"  MFU {rates['mfu']:.2f}"
         eta = (self.total_steps - step) / max(rates["steps_per_second"], 1e-9)
         self.print_fn(f"{line}  {rates['steps_per_second']:.3f} steps/s  "
-                      f"{rates['tokens_per_second']:.0f} tokens/s  ETA {format_duration(eta)}")
-        self._last_time, self._last_step, self._tokens = now, step, 0
+                      f"{rates['tokens_per_second']:.0f} tokens/s{utilization}  "
+                      f"ETA {format_duration(eta)}")
+        self._last_time, self._last_step, self._tokens, self._flops = now, step, 0, 0
         return rates

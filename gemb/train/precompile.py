@@ -80,9 +80,13 @@ def precompile(num_devices: int, batch_size: Optional[int] = None,
         data, "num_negatives", 0)
     run_trainer = built["trainer"]
     partitioner = run_trainer.partitioner
-    trainer_lib.check_batch_size(batch_size, run_trainer.step_config, partitioner,
-                                 packed=features.pack, what="--batch_size")
-    host_batch = full_length_features(features, batch_size, k)
+    step_config = run_trainer.step_config
+    trainer_lib.check_batch_size(batch_size, step_config, partitioner, what="--batch_size")
+    # The rows `gemb train` would pack on one process of this mesh (pack groups, row multiple).
+    row_multiple = trainer_lib.packed_row_multiple(
+        step_config, batch_size, partitioner.data_layout().local_data_parallel_size)
+    host_batch = full_length_features(features, batch_size, k, row_multiple=row_multiple,
+                                      pack_groups=step_config.microbatches)
     batch_spec = {name: jax.ShapeDtypeStruct(value.shape, value.dtype,
                                              sharding=partitioner.batch_sharding(value.ndim))
                   for name, value in host_batch.items()}
@@ -104,7 +108,6 @@ def precompile(num_devices: int, batch_size: Optional[int] = None,
     result["peak_estimate"] = (result["arguments"] + result["outputs"] + result["temporaries"]
                                - result["aliased"])
     encoder = run_trainer.model.encoder_config
-    step_config = run_trainer.step_config
     tokens = sum(int(np.prod(v.shape)) for name, v in host_batch.items() if name.endswith("_tokens"))
     print_fn(f"{encoder.transformer.name}: {layout.num_params:,} params "
              f"({layout.num_trainable:,} trainable), mesh {dict(partitioner.mesh.shape)} on "

@@ -24,6 +24,7 @@ from gemb.losses import ContrastiveLossConfig
 from gemb.models.config import EncoderConfig
 from gemb.partitioning.partitioner import Partitioner
 from gemb.train import checkpointing, metrics_writer, optimizers, trainer
+from gemb.train import flops as flops_lib
 from gemb.train.model import EmbeddingModel
 from gemb.train.data import DataShard, TrainingData
 
@@ -92,6 +93,7 @@ def train(
     allow_fresh_start: bool = False,
     dry_run: bool = False,
     gin_config_text: Optional[str] = None,
+    peak_flops_per_device: Optional[float] = None,
 ) -> dict[str, Any]:
     """Trains (or resumes) the run in model_dir; returns a summary dict.
 
@@ -118,6 +120,9 @@ def train(
       dry_run: build and check everything (mesh, batch, model, optimiser), then return what
         was built (the Trainer too, for `gemb precompile`) before anything is written or any
         parameter is created.
+      peak_flops_per_device: bf16 peak FLOP/s of one device, for the MFU of the console line
+        and TensorBoard (train/mfu); default: gemb.train.flops's table of vendor peaks by device
+        kind (no MFU on a device it does not list).
     """
     start_time = time.time()
     for name, value in (("model_dir", model_dir), ("encoder", encoder), ("data", data),
@@ -133,8 +138,7 @@ def train(
 
     # 1. Everything that can be wrong with the configuration fails here, before any compute.
     partitioner = (partitioner or default_partitioner)()
-    trainer.check_batch_size(data.batch_size, step, partitioner,
-                             packed=data.packed)
+    trainer.check_batch_size(data.batch_size, step, partitioner)
     if init_from is not None and not paths.as_path(init_from).exists():
         raise FileNotFoundError(
             f"init_from={init_from!r} does not exist. Convert a model first (gemb convert --from "
@@ -185,15 +189,19 @@ def train(
         print(f"Starting {model_dir} from scratch at step 0 with {origin}: it has no checkpoint "
               "to resume.", flush=True)
     # This process's block of each global batch; its packed rows split evenly over its own
-    # data-parallel devices.
+    # data-parallel devices and into the step's gradient-cache chunks, each microbatch's
+    # examples packed into rows of their own.
     data_layout = partitioner.data_layout()
     print(f"Model {encoder.transformer.name}: {layout.num_params:,} params, "
           f"{layout.num_trainable:,} trainable; mesh {dict(partitioner.mesh.shape)}.", flush=True)
     if jax.process_count() > 1:
         print(f"Process {jax.process_index()} of {jax.process_count()}: feeds batch block "
               f"{data_layout.shard_index} of {data_layout.num_shards}.", flush=True)
-    iterator = data.make(data_state, DataShard(data_layout.shard_index, data_layout.num_shards,
-                                               data_layout.local_data_parallel_size))
+    iterator = data.make(data_state, DataShard(
+        data_layout.shard_index, data_layout.num_shards,
+        row_multiple=trainer.packed_row_multiple(step, data.batch_size,
+                                                 data_layout.local_data_parallel_size),
+        pack_groups=step.microbatches))
 
     # 3. Logging.
     tb, metrics_file = None, None
@@ -213,7 +221,14 @@ def train(
             metrics_file = metrics_writer.open_metrics_file(model_dir / METRICS_FILE,
                                                             keep_through_step=int(state.step))
             tb.purge_from(int(state.step) + 1)
-    console = metrics_writer.ConsoleLogger(num_steps, log_every)
+    peak_per_device = flops_lib.peak_flops_per_device(override=peak_flops_per_device)
+    if peak_per_device is None:
+        print(f"MFU not reported: no bf16 peak is known for device kind "
+              f"{jax.devices()[0].device_kind!r}; set train.peak_flops_per_device = <FLOP/s of "
+              "one device> to report it.", flush=True)
+    console = metrics_writer.ConsoleLogger(
+        num_steps, log_every,
+        peak_flops=peak_per_device * jax.device_count() if peak_per_device else None)
     eval_results: dict[int, dict[str, float]] = {}
     eval_encoder = None
     if eval_hook is not None and eval_hook.task_list:
@@ -243,10 +258,12 @@ def train(
     guard = DivergenceGuard(step.nan_policy, step.max_consecutive_nonfinite, ckpt)
     kill_after = _kill_after_step()
 
-    def settle(done: int, metrics: Mapping[str, jax.Array], tokens: int) -> bool:
+    def settle(done: int, metrics: Mapping[str, jax.Array], tokens: int, model_flops: int
+               ) -> bool:
         """Reads a dispatched step's results (waits for it): the divergence guard, the log."""
         finite = bool(metrics["finite"])
         console.add_tokens(tokens)  # counted as the step is read, in the window it ends in
+        console.add_flops(model_flops)
         ckpt.check_for_errors()  # a failed background save stops the run now
         if done == first_step + 1:
             # The first step includes compilation: report it apart and keep it out of the
@@ -268,23 +285,27 @@ def train(
                     tb.flush()
         return finite
 
-    def next_batch() -> tuple[dict[str, jax.Array], Mapping[str, int], int]:
-        """The next batch on the mesh, the data position after it and its global tokens."""
+    def next_batch() -> tuple[dict[str, jax.Array], Mapping[str, int], int, int]:
+        """The next batch on the mesh, the data position after it, and its global tokens and
+        model FLOPs (this process's block times the number of blocks, as for tokens)."""
         features = next(iterator)
         tokens = num_tokens(features) * data_layout.num_shards
-        return run_trainer.place(features), iterator.state, tokens
+        model_flops = (flops_lib.train_step_flops(encoder, features) * data_layout.num_shards
+                       if console.peak_flops else 0)
+        return run_trainer.place(features), iterator.state, tokens, model_flops
 
     # Steps are dispatched without waiting for the previous one: while the device runs step N
     # the host prepares and places batch N+1, then reads step N-1's finite flag (done by now),
     # so the device never waits for the host. A step whose state is needed at once (save,
     # eval, the last step, the first one, which compiles) is read before going on, and the
     # next batch is read after it.
-    unsettled = None  # (step, metrics, tokens) dispatched but not yet read
+    unsettled = None  # (step, metrics, tokens, model_flops) dispatched but not yet read
     try:
         upcoming = next_batch() if first_step < last_step else None
         for current in range(first_step, last_step):
             done = current + 1
-            batch, position, tokens = upcoming  # position: the data after this step's batch
+            # position: the data after this step's batch
+            batch, position, tokens, model_flops = upcoming
             state, metrics = run_trainer.train_step(state, batch)
             evaluate = eval_encoder is not None and eval_hook.due(done, num_steps)
             save = done % checkpoint.save_every == 0 or done in (num_steps, last_step)
@@ -295,9 +316,9 @@ def train(
                 settle(*unsettled)
                 unsettled = None
             if not read_now:
-                unsettled = (done, metrics, tokens)
+                unsettled = (done, metrics, tokens, model_flops)
                 continue
-            finite = settle(done, metrics, tokens)
+            finite = settle(done, metrics, tokens, model_flops)
             results = None
             if finite and evaluate:
                 results = run_eval(done)

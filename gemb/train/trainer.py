@@ -3,9 +3,13 @@
 train_step(state, batch) -> (state, metrics) is pure: it asks the model (gemb.train.model.
 EmbeddingModel) for embeddings and the loss, and never looks inside the batch.
 How the gradient is computed is the `StepConfig`'s choice: the whole batch at once, gradient
-caching (the memory of one chunk plus the B x B logits), or accumulation over microbatches.
-Chunks and microbatches cut the batch along its leading axis, which the padded layout of
-gemb.data.feature_converter has on every feature; a packed batch goes through at once.
+caching (the memory of one chunk plus the B x B logits), or accumulation over microbatches, in
+either layout of gemb.data.feature_converter. Gradient-cache chunks are strided chunks of each
+role's ENCODER ROWS (a padded row is one example, a packed row several): rows are encoded
+independently, so caching the gradient of the row outputs is exact. Microbatches are the
+strided groups of examples (m, m + n, ...), each its own contrastive problem; a packed batch
+has each group in rows of its own (FeatureConverter pack_groups), so the same strided split
+cuts its rows (EmbeddingModel.split_microbatches).
 
 The `Trainer` jits the steps with explicit in/out shardings and the state donated (argument 0):
 the state lives on the mesh as given by gemb.train.state.StateLayout, the batch is placed by
@@ -25,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gemb.losses import full_batch_value_and_grad, gradient_cached_value_and_grad, split_rows
+from gemb.losses import full_batch_value_and_grad, gradient_cached_rows_value_and_grad
 from gemb.partitioning.partitioner import Partitioner
 from gemb.train import optimizers
 from gemb.train.model import EmbeddingModel
@@ -39,8 +43,10 @@ class StepConfig:
     """How one step computes its gradient.
 
     Attributes:
-      gradient_cache_chunk: rows per gradient-cache chunk (None: embed the batch at once).
-        Memory then holds one chunk's activations plus the B x B logits.
+      gradient_cache_chunk: examples per gradient-cache chunk (None: embed the batch at
+        once): a microbatch of b examples is cut into b // gradient_cache_chunk chunks of each
+        role's encoder rows (padded: the rows of gradient_cache_chunk examples; packed: the
+        role's rows / chunks). Memory then holds one chunk's activations plus the B x B logits.
       microbatches: accumulate the gradient over this many microbatches. Each microbatch is its
         own contrastive problem (its in-batch negatives are its own examples), so this is NOT
         equivalent to a bigger batch; gradient caching is (use that to grow the batch).
@@ -67,49 +73,87 @@ class StepConfig:
             raise ValueError("StepConfig.max_consecutive_nonfinite must be >= 1, got "
                              f"{self.max_consecutive_nonfinite}.")
         if self.gradient_cache_chunk is not None and self.gradient_cache_chunk < 1:
-            raise ValueError("StepConfig.gradient_cache_chunk must be a positive number of rows "
-                             f"or None, got {self.gradient_cache_chunk}.")
+            raise ValueError("StepConfig.gradient_cache_chunk must be a positive number of "
+                             f"examples or None, got {self.gradient_cache_chunk}.")
+
+    def chunks_per_microbatch(self, batch_size: int) -> int:
+        """Gradient-cache chunks of each microbatch of a global batch of batch_size (1: none)."""
+        if not self.gradient_cache_chunk:
+            return 1
+        return max(1, batch_size // self.microbatches // self.gradient_cache_chunk)
 
 
 def check_batch_size(batch_size: int, step_config: StepConfig, partitioner: Partitioner,
-                     packed: bool = False, what: str = "data.batch_size") -> None:
+                     what: str = "data.batch_size") -> None:
     """Everything the global batch size must divide, checked once before any compute (the
-    data axes divide it, so every process's block is whole too)."""
+    data axes divide it, so every process's block is whole too). Both layouts have the same
+    needs: a packed batch's row counts follow from `packed_row_multiple`."""
     if batch_size < 1:
         raise ValueError(f"{what}={batch_size} must be positive.")
     partitioner.check_batch_size(batch_size, f"{what} (the global batch)")
-    if packed and (step_config.gradient_cache_chunk or step_config.microbatches > 1):
-        raise ValueError("packed batches cannot be cut into gradient-cache chunks or "
-                         "microbatches; set features.pack=False or drop "
-                         "gradient_cache_chunk / microbatches.")
+    n = step_config.microbatches
+    if batch_size % n:
+        raise ValueError(f"{what}={batch_size} is not a multiple of step.microbatches={n}.")
+    per_micro = batch_size // n
     chunk = step_config.gradient_cache_chunk
-    if chunk and batch_size % chunk:
-        raise ValueError(f"{what}={batch_size} is not a multiple of "
-                         f"step.gradient_cache_chunk={chunk}.")
-    if batch_size % step_config.microbatches:
-        raise ValueError(f"{what}={batch_size} is not a multiple of "
-                         f"step.microbatches={step_config.microbatches}.")
-    per_micro = batch_size // step_config.microbatches
+    if chunk and per_micro % chunk:
+        of = f"{what}={batch_size}" if n == 1 else (
+            f"a microbatch of {per_micro} examples ({what}={batch_size} / step.microbatches={n})")
+        raise ValueError(f"{of} is not a multiple of step.gradient_cache_chunk={chunk}.")
+    # Also makes every process's block a multiple of the microbatches (packed pack groups).
     if per_micro % partitioner.data_parallel_size:
-        raise ValueError(f"a microbatch of {per_micro} cannot be split over "
-                         f"{partitioner.data_parallel_size} data shards.")
+        raise ValueError(f"a microbatch of {per_micro} examples ({what}={batch_size} / "
+                         f"step.microbatches={n}) cannot be split over "
+                         f"{partitioner.data_parallel_size} data shards; use a batch size that "
+                         f"is a multiple of {n * partitioner.data_parallel_size}.")
+
+
+def packed_row_multiple(step_config: StepConfig, batch_size: int,
+                        local_data_parallel_size: int) -> int:
+    """What each pack group's row count on one process is a multiple of (the FeatureConverter's
+    row_multiple, DataShard.row_multiple): its data-parallel devices x the gradient-cache chunks
+    of a microbatch. Every role's rows then split into the chunks (exactness needs the global
+    rows of a microbatch to), and every chunk of every microbatch has whole rows on every
+    device."""
+    return local_data_parallel_size * step_config.chunks_per_microbatch(batch_size)
 
 
 # --------------------------------------------------------------------------------- the steps
 
 
 def make_value_and_grad(model: EmbeddingModel, step_config: StepConfig,
-                        embed_fn: Callable | None = None, loss_fn: Callable | None = None
-                        ) -> Callable:
+                        full_params: Callable[[PyTree], PyTree] | None = None) -> Callable:
     """f(params, batch, rng) -> ((loss, metrics), grads) as the step config asks.
 
-    embed_fn / loss_fn default to the model's; the train step passes versions that merge the
-    frozen params back in.
+    full_params(params) -> the model's whole parameter tree (default: params itself); the train
+    step passes one that merges the frozen params back in, so only the trainable ones are
+    differentiated.
     """
-    embed_fn = embed_fn or model.embed_fn
-    loss_fn = loss_fn or model.loss_from_embeddings
-    if step_config.gradient_cache_chunk:
-        inner = gradient_cached_value_and_grad(embed_fn, loss_fn, step_config.gradient_cache_chunk)
+    full = full_params or (lambda params: params)
+
+    def embed_fn(params, batch, rng):
+        return model.embed_fn(full(params), batch, rng)
+
+    def loss_fn(params, embeddings, batch):
+        return model.loss_from_embeddings(full(params), embeddings, batch)
+
+    chunk = step_config.gradient_cache_chunk
+    if chunk:
+        def encode_rows(params, rows, rng):
+            return model.encode_rows(full(params), rows, rng)
+
+        def loss_from_rows(params, row_outputs, batch):
+            return loss_fn(params, model.embeddings_from_rows(row_outputs, batch), batch)
+
+        def inner(params, batch, rng):
+            examples = model.num_examples(batch)
+            if examples % chunk:
+                raise ValueError(f"a batch of {examples} examples is not a multiple of "
+                                 f"StepConfig.gradient_cache_chunk={chunk}; see "
+                                 "trainer.check_batch_size.")
+            cached = gradient_cached_rows_value_and_grad(encode_rows, loss_from_rows,
+                                                         examples // chunk)
+            return cached(params, model.encoder_rows(batch), batch, rng)
     else:
         inner = full_batch_value_and_grad(embed_fn, loss_fn)
     n = step_config.microbatches
@@ -117,7 +161,7 @@ def make_value_and_grad(model: EmbeddingModel, step_config: StepConfig,
         return inner
 
     def accumulated(params, batch, rng):
-        micro = split_rows(batch, n, "microbatches")
+        micro = model.split_microbatches(batch, n)
 
         def body(carry, args):
             index, mb = args
@@ -155,10 +199,7 @@ def make_train_step(model: EmbeddingModel, optimizer: optimizers.Optimizer,
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         trainable, frozen = optimizers.split_trainable(state.params, freeze_patterns)
         merge = functools.partial(optimizers.merge_params, frozen=frozen)
-        value_and_grad = make_value_and_grad(
-            model, step_config,
-            embed_fn=lambda p, b, r: model.embed_fn(merge(p), b, r),
-            loss_fn=lambda p, e, b: model.loss_from_embeddings(merge(p), e, b))
+        value_and_grad = make_value_and_grad(model, step_config, full_params=merge)
         rng = jax.random.fold_in(state.rng, state.step)
         (loss, metrics), grads = value_and_grad(trainable, batch, rng)
         grad_norm = optax.global_norm(grads)
@@ -243,6 +284,8 @@ class Trainer:
     def place(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """A host batch on the mesh (done apart from the step, so the next batch can be placed
         while the current step runs)."""
+        if self.step_config.microbatches > 1:
+            self.model.check_microbatches(host_batch, self.step_config.microbatches)
         return self.partitioner.place_batch(host_batch)
 
     def train_step(self, state: TrainState, batch: Mapping[str, Any]

@@ -215,3 +215,92 @@ def test_packed_and_padded_features_give_the_model_the_same_embeddings():
             x, y = x[mask], y[mask]
         np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4)
         assert np.abs(x[0] - x[1]).max() > 1e-3  # different examples, different embeddings
+
+
+# --- pack groups: the microbatches of a packed batch ---------------------------------------
+
+
+def _examples(batch, lo, hi):
+    """Examples lo..hi-1 of a TokenBatch as a TokenBatch (one host's block)."""
+    k = batch.negatives_per_example
+    negatives = batch.negatives.sequences()[lo * k:hi * k]
+    return TokenBatch(RoleTokens.from_lists(batch.query.sequences()[lo:hi]),
+                      RoleTokens.from_lists(batch.positive.sequences()[lo:hi]),
+                      RoleTokens.from_lists(negatives), batch.num_negatives[lo:hi])
+
+
+def _microbatch_examples(features, microbatches):
+    """What each microbatch of the step reads: EmbeddingModel.split_microbatches (the strided
+    split of examples and rows, slots renumbered into the microbatch's rows), read back."""
+    jax = pytest.importorskip("jax")
+    from gemb.train.model import EmbeddingModel
+
+    split = jax.tree.map(np.asarray, EmbeddingModel.split_microbatches(features, microbatches))
+    return [fc.examples_in_features({name: value[m] for name, value in split.items()})
+            for m in range(microbatches)]
+
+
+def _only(expected, picked):
+    return {role: [examples[b] for b in picked] for role, examples in expected.items()}
+
+
+def test_pack_groups_put_each_microbatch_in_rows_of_its_own():
+    batch = _random_batch(batch_size=24, k=2, seed=11, max_len=12)
+    cfg = FeatureConverterConfig(query_length=32, document_length=32, min_length=8, pack=True,
+                                 segments_per_row=4)
+    groups = 3
+    features = FeatureConverter(cfg, row_multiple=2, pack_groups=groups).convert(batch)
+    expected = _expected(batch, cfg)
+    assert fc.examples_in_features(features) == expected  # still a valid full batch
+    fc.check_pack_groups(features, groups)
+    for role, slot in (("query", "query_slot"), ("positive", "positive_slot"),
+                       ("negatives", "negative_slot")):
+        mask = features[f"{role}_segment_mask"]
+        assert mask.shape[0] % (groups * 2) == 0  # groups x a multiple of row_multiple rows
+        assert mask.sum(axis=1).max() > 1  # rows hold several examples
+        rows = features[slot] // mask.shape[1]
+        example, present = np.arange(24), np.ones(24, bool)
+        if role == "negatives":
+            example, present = np.repeat(example, 2).reshape(24, 2), features["negative_mask"]
+        assert (rows[present] % groups == example[present] % groups).all()
+        # Group m's rows hold exactly group m's texts.
+        for m in range(groups):
+            assert mask[m::groups].sum() == present[m::groups].sum()
+    for m, seen in enumerate(_microbatch_examples(features, groups)):
+        assert seen == _only(expected, range(m, 24, groups))
+    # One group for all: examples of different microbatches share rows, which the check names.
+    mixed = FeatureConverter(cfg, row_multiple=groups).convert(batch)
+    with pytest.raises(ValueError, match=r"not its own microbatch .*pack_groups=3"):
+        fc.check_pack_groups(mixed, groups)
+    with pytest.raises(ValueError, match="cannot be packed in pack_groups=5"):
+        FeatureConverter(cfg, pack_groups=5).plan(batch)
+
+
+def test_pack_groups_across_hosts_share_one_layout_and_global_slots():
+    """Two hosts of 12 examples each, 2 microbatches: microbatch m is the global examples
+    m, m + 2, ... (host 1's examples are 12..23), in the rows the step's split hands it."""
+    batch = _random_batch(batch_size=24, k=1, seed=4, max_len=12)
+    # Host 1's texts are longer: its own plan needs more rows, the agreed layout is the max.
+    long_texts = _random_batch(batch_size=12, k=1, seed=5, max_len=30)
+    hosts = [_examples(batch, 0, 12), long_texts]
+    cfg = FeatureConverterConfig(query_length=32, document_length=32, min_length=8, pack=True,
+                                 segments_per_row=4)
+    converters = [FeatureConverter(cfg, row_multiple=2, shard_index=h, pack_groups=2)
+                  for h in range(2)]
+    plans = [c.plan(b) for c, b in zip(converters, hosts)]
+    assert plans[0].layout != plans[1].layout
+    layout = {key: max(p.layout[key] for p in plans) for key in plans[0].layout}
+    blocks = [c.convert(p, layout) for c, p in zip(converters, plans)]
+    # What Partitioner.place_batch makes of the hosts' blocks: one global batch.
+    features = {name: np.concatenate([b[name] for b in blocks]) for name in blocks[0]}
+    expected = {role: _expected(hosts[0], cfg)[role] + _expected(hosts[1], cfg)[role]
+                for role in fc.ROLES}
+    assert fc.examples_in_features(features) == expected
+    rows_per_host = layout["query_rows"]
+    assert blocks[1]["query_slot"].min() >= rows_per_host * 4  # after host 0's rows
+    for block in blocks:
+        fc.check_pack_groups(block, 2)
+    for m, seen in enumerate(_microbatch_examples(features, 2)):
+        assert seen == _only(expected, range(m, 24, 2))
+    with pytest.raises(ValueError, match="not a multiple of pack_groups=2"):
+        converters[1].convert(plans[1], dict(layout, query_rows=layout["query_rows"] + 1))

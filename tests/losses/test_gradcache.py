@@ -11,6 +11,7 @@ import pytest
 from gemb.losses import (
     ContrastiveLossConfig,
     full_batch_value_and_grad,
+    gradient_cached_rows_value_and_grad,
     gradient_cached_value_and_grad,
     initial_log_temperature,
     matryoshka_contrastive_loss,
@@ -186,6 +187,42 @@ def test_batch_not_divisible_by_chunk_is_an_error():
     ragged = dict(mlp_batch(seed=0, batch=8, duplicates=False), query_hash=jnp.arange(6))
     with pytest.raises(ValueError, match="leading axis"):
         step(params, ragged)
+
+
+def test_cached_rows_read_by_index_equal_the_direct_gradient():
+    """Row blocks of different sizes, examples read from the rows by index (as packed slots,
+    some rows read twice, some not at all): caching dL/d(row outputs) through the gather gives
+    the gradient of differentiating it end to end."""
+    model = MlpEmbedder()
+    params = {"encoder": model.init(jax.random.key(0), jnp.zeros((1, INPUT_DIM)))["params"]}
+    rng = np.random.default_rng(0)
+    rows = {"query": rng.normal(size=(12, INPUT_DIM)).astype(np.float32),
+            "positive": rng.normal(size=(8, INPUT_DIM)).astype(np.float32)}
+    batch = {"query_slot": np.array([0, 0, 3, 5, 11, 7, 6, 2]),  # row 0 twice, 1 never
+             "positive_slot": rng.permutation(8),
+             "query_hash": np.arange(8, dtype=np.int32),
+             "positive_hash": np.arange(8, 16, dtype=np.int32)}
+    loss_fn = contrastive_loss_fn(ContrastiveLossConfig(temperature=0.1))
+
+    def encode(params, rows, rng):
+        del rng
+        return {role: model.apply({"params": params["encoder"]}, x) for role, x in rows.items()}
+
+    def loss_from_rows(params, outputs, batch):
+        embeddings = {role: outputs[role][batch[f"{role}_slot"]] for role in outputs}
+        return loss_fn(params, embeddings, batch)
+
+    def direct(params):
+        return loss_from_rows(params, encode(params, rows, None), batch)
+
+    (loss, _), grads = jax.jit(jax.value_and_grad(direct, has_aux=True))(params)
+    cached = jax.jit(gradient_cached_rows_value_and_grad(encode, loss_from_rows, 4))
+    (cached_loss, _), cached_grads = cached(params, rows, batch)
+    np.testing.assert_allclose(float(cached_loss), float(loss), rtol=1e-6)
+    assert_trees_close(cached_grads, grads)
+    with pytest.raises(ValueError, match=r"the rows of \['positive'\] \(8 rows.*cannot be split "
+                                         r"into 3 gradient-cache chunks"):
+        gradient_cached_rows_value_and_grad(encode, loss_from_rows, 3)(params, rows, batch)
 
 
 def test_embed_fn_must_return_only_float_arrays():

@@ -1,6 +1,6 @@
 """`gemb train` as 2 and 4 JAX processes equals one process on the same 8-device mesh, in the
-padded, packed and gradient-cache layouts; kill -9 of every process and a restart continue the
-multi-process run bitwise."""
+padded and packed layouts, with and without gradient caching; kill -9 of every process and a
+restart continue the multi-process run bitwise."""
 
 import random
 import shutil
@@ -16,6 +16,10 @@ VARIANTS = {
     "packed": ("--gin.FeatureConverterConfig.pack=True",),
     "gradient_cache": ("--gin.train.step=@StepConfig()",
                        "--gin.StepConfig.gradient_cache_chunk=8"),
+    # Each role's packed rows in 2 chunks: each process rounds its rows to 4 devices x 2.
+    "packed_gradient_cache": ("--gin.FeatureConverterConfig.pack=True",
+                              "--gin.train.step=@StepConfig()",
+                              "--gin.StepConfig.gradient_cache_chunk=8"),
 }
 # Every layout in 2 processes, and packed (the layout multi-host changes most) in 4, run by
 # default; the other 4-process layouts (about 80 s each on 2 cores) run with `-m extended`.

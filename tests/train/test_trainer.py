@@ -63,9 +63,10 @@ def test_indivisible_batch_is_a_clear_error():
         steps.train_step(state, batch)
 
 
-def test_padded_and_packed_layouts_and_packed_refusal():
+def test_padded_and_packed_layouts_and_batch_size_checks():
     """The converter's padded layout is example-major ([B, K, L] negatives, no slots); its
-    packed layout has slots; both train; packed batches cannot be cut into chunks."""
+    packed layout has slots; both train; the batch size checks name what does not divide
+    (packed batches take gradient caching and microbatches too: test_packed_step_splits.py)."""
     padded = synthetic_batches(1, batch_size=4, num_negatives=2)[0]
     assert padded["negatives_tokens"].shape[:2] == (4, 2)
     assert "query_slot" not in padded and "query_segment_mask" not in padded
@@ -76,11 +77,25 @@ def test_padded_and_packed_layouts_and_packed_refusal():
     assert packed[0]["query_segment_mask"].sum() == 8  # every query has a (row, segment) slot
     losses, _ = run_losses(partitioner_for((1, 1, 1), 1), packed)
     assert np.isfinite(losses).all()
-    partitioner = partitioner_for((1, 1, 1), 1)
-    with pytest.raises(ValueError, match="packed batches cannot be cut"):
-        trainer.check_batch_size(8, trainer.StepConfig(gradient_cache_chunk=4), partitioner,
-                                 packed=True)
-    trainer.check_batch_size(8, trainer.StepConfig(), partitioner, packed=True)
+    partitioner = partitioner_for((2, 1, 1), 2)
+    trainer.check_batch_size(16, trainer.StepConfig(gradient_cache_chunk=4, microbatches=2),
+                             partitioner)
+    with pytest.raises(ValueError, match=r"a microbatch of 8 examples \(data.batch_size=16 / "
+                                         r"step.microbatches=2\) is not a multiple of "
+                                         r"step.gradient_cache_chunk=16"):
+        trainer.check_batch_size(16, trainer.StepConfig(gradient_cache_chunk=16, microbatches=2),
+                                 partitioner)
+    with pytest.raises(ValueError, match=r"data.batch_size=12 is not a multiple of "
+                                         r"step.gradient_cache_chunk=8"):
+        trainer.check_batch_size(12, trainer.StepConfig(gradient_cache_chunk=8), partitioner)
+    with pytest.raises(ValueError, match="cannot be split over 2 data shards; use a batch size "
+                                         "that is a multiple of 8"):
+        trainer.check_batch_size(12, trainer.StepConfig(microbatches=4), partitioner)
+    # Packed rows: each pack group's rows on a process are a multiple of its data-parallel
+    # devices x the gradient-cache chunks of a microbatch.
+    assert trainer.packed_row_multiple(trainer.StepConfig(gradient_cache_chunk=4, microbatches=2),
+                                       32, 2) == 2 * 4
+    assert trainer.packed_row_multiple(trainer.StepConfig(), 32, 2) == 2
 
 
 def test_packed_step_equals_padded_step():
