@@ -67,9 +67,14 @@ class Attention(nn.Module):
     attention_type: AttentionType
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, inputs: dict[str, jax.Array]
-                 ) -> jax.Array:
-        """inputs: `attention_inputs` (segment ids, dense masks, row lengths)."""
+    def __call__(self, x: jax.Array, positions: jax.Array, inputs: dict[str, jax.Array],
+                 cache: dict[str, jax.Array] | None = None):
+        """inputs: `attention_inputs` (segment ids, dense masks, row lengths), plus in decoding
+        "cache_index" and "cache_segments" (`decoding_inputs`).
+
+        cache: this layer's {"key", "value"} [B, S_max, K, H] when decoding: the new tokens'
+        keys and values are written at cache_index and the queries attend over the cache; the
+        result is then (output, new cache)."""
         cfg = self.config
         # Upstream Gemma nests each kernel in its own einsum module ({"q_einsum": {"w": ...}}).
         q_kernel = self._einsum_param("q_einsum", ("heads", "embed", "head_dim"),
@@ -94,11 +99,32 @@ class Attention(nn.Module):
         key = layers.apply_rope(key, positions, base, scale_factor)
         query = query * jnp.asarray(cfg.query_scale, query.dtype)
 
+        spec = layer_spec(cfg, self.attention_type)
+        if cache is not None:
+            return self._attend_cache(query, key, value, inputs, spec, cache, out_kernel)
         encoded = attention_backends.attend(
-            query, key, value, inputs["segment_ids"], layer_spec(cfg, self.attention_type),
+            query, key, value, inputs["segment_ids"], spec,
             cfg.attention_backend, packed="row_lengths" not in inputs,
             mask=inputs.get(self.attention_type.value))
         return jnp.einsum("btnh,nhd->btd", encoded.astype(value.dtype), out_kernel)
+
+    def _attend_cache(self, query, key, value, inputs, spec, cache, out_kernel):
+        """The new tokens' queries against every cached key (dense: T is the prompt in the
+        prefill and 1 per decoding step, so the scores are [T, S_max] per row)."""
+        index = inputs["cache_index"]
+        new_cache = {name: jax.lax.dynamic_update_slice_in_dim(
+                         cache[name], new.astype(cache[name].dtype), index, axis=1)
+                     for name, new in (("key", key), ("value", value))}
+        length, cache_length = query.shape[1], new_cache["key"].shape[1]
+        # Cache slots are columns of the row: a slot is attended when it holds a token of the
+        # row's text (segment 1), is not after the query, and (local layers) is in the window.
+        allowed = attention_backends.allowed_keys(
+            inputs["segment_ids"], inputs["cache_segments"], index + jnp.arange(length),
+            jnp.arange(cache_length), spec)
+        encoded = attention_backends.xla_attention(
+            query, new_cache["key"].astype(query.dtype), new_cache["value"].astype(value.dtype),
+            allowed)
+        return jnp.einsum("btnh,nhd->btd", encoded, out_kernel), new_cache
 
     def _einsum_param(self, module_name: str, axes, shape) -> jax.Array:
         return _EinsumKernel(axes, shape, self.config.param_dtype, name=module_name)().astype(

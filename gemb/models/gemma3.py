@@ -35,17 +35,21 @@ class Block(nn.Module):
     attention_type: AttentionType
 
     @nn.compact
-    def __call__(self, x, positions, attention_inputs):
+    def __call__(self, x, positions, attention_inputs, cache=None):
+        """With a cache (decoding): returns (x, new cache) instead of x."""
         cfg = self.config
         norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)  # noqa
         attended = attention.Attention(cfg, self.attention_type, name="attn")(
-            norm("pre_attention_norm")(x), positions, attention_inputs)
+            norm("pre_attention_norm")(x), positions, attention_inputs, cache)
+        if cache is not None:
+            attended, cache = attended
         attended = checkpoint_name(attended, "attn_out")
         x = x + norm("post_attention_norm")(attended)
         mlp_out = layers.FeedForward(cfg.embed_dim, cfg.hidden_dim, cfg.dtype, cfg.param_dtype,
                                      name="mlp")(norm("pre_ffw_norm")(x))
         x = x + norm("post_ffw_norm")(mlp_out)
-        return constrain(x, ("act_batch", "act_length", "act_embed"))
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        return x if cache is None else (x, cache)
 
 
 def _maybe_remat(block_cls, config: TransformerConfig):
@@ -65,12 +69,19 @@ class Period(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, positions, attention_inputs):
+    def __call__(self, x, positions, attention_inputs, caches=None):
+        """caches: None, or one cache per slot (decoding); the new caches are the scan's
+        per-period outputs."""
         block_cls = _maybe_remat(Block, self.config)
+        new_caches = None if caches is None else []
         for slot, attention_type in enumerate(self.config.attention_pattern):
-            x = block_cls(self.config, attention_type, name=f"layer_{slot}")(
-                x, positions, attention_inputs)
-        return x, None
+            block = block_cls(self.config, attention_type, name=f"layer_{slot}")
+            if caches is None:
+                x = block(x, positions, attention_inputs)
+            else:
+                x, cache = block(x, positions, attention_inputs, caches[slot])
+                new_caches.append(cache)
+        return x, new_caches
 
 
 class Transformer(nn.Module):
@@ -86,7 +97,7 @@ class Transformer(nn.Module):
                 Period,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, 0),  # caches: one per period
                 length=cfg.num_scanned_periods,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
@@ -101,7 +112,7 @@ class Transformer(nn.Module):
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, return_logits: bool = False,
-                 packed: bool = True):
+                 packed: bool = True, cache: dict | None = None):
         """Args:
           tokens: int [B, L].
           segment_ids: int [B, L]; 0 marks padding, 1, 2, ... the examples packed in a row.
@@ -110,6 +121,11 @@ class Transformer(nn.Module):
           return_logits: also return [B, L, vocab] logits from the tied embedding.
           packed: rows may hold several examples (static). False promises one example per row
             starting at column 0 (the padded layout), which lets a GPU use cuDNN's kernel.
+          cache: decoding (causal mode): the `init_cache` state; `tokens` are the next columns
+            of every row, written at cache["index"] (the prompt in the prefill, then one token
+            per step). segment_ids then mark real tokens (1) and padding (0), and positions
+            should be given (the default restarts them at the first new column). The result
+            gains the new cache as its last element.
         """
         cfg = self.config
         if tokens.ndim != 2:
@@ -118,15 +134,55 @@ class Transformer(nn.Module):
             segment_ids = jnp.ones_like(tokens, jnp.int32)
         if positions is None:
             positions = attention.positions_from_segments(segment_ids)
-        attention_inputs = attention.attention_inputs(cfg, segment_ids, packed)
+        if cache is None:
+            attention_inputs = attention.attention_inputs(cfg, segment_ids, packed)
+        else:
+            if cfg.attention_mode != "causal":
+                raise ValueError("a KV cache decodes a causal model; use "
+                                 "config.replace(attention_mode='causal').")
+            cache_segments = jax.lax.dynamic_update_slice_in_dim(
+                cache["segments"], segment_ids.astype(jnp.int32), cache["index"], axis=1)
+            attention_inputs = {"segment_ids": segment_ids, "cache_index": cache["index"],
+                                "cache_segments": cache_segments}
 
         x = self.embedder.encode(tokens)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        new_layers = {}
         if cfg.num_scanned_periods:
-            x, _ = self.scanned_layers(x, positions, attention_inputs)
-        for block in self.unscanned_layers:
-            x = block(x, positions, attention_inputs)
+            x, new_layers["scanned"] = self.scanned_layers(
+                x, positions, attention_inputs, None if cache is None else cache["scanned"])
+        unscanned = []
+        for number, block in enumerate(self.unscanned_layers):
+            if cache is None:
+                x = block(x, positions, attention_inputs)
+            else:
+                x, layer_cache = block(x, positions, attention_inputs, cache["unscanned"][number])
+                unscanned.append(layer_cache)
         hidden = self.final_norm(x)
-        if return_logits:
-            return hidden, self.embedder.decode(hidden)
-        return hidden
+        out = (hidden, self.embedder.decode(hidden)) if return_logits else (hidden,)
+        if cache is not None:
+            new_cache = {"index": cache["index"] + tokens.shape[1], "segments": cache_segments,
+                         "scanned": new_layers.get("scanned"), "unscanned": unscanned}
+            out = out + (new_cache,)
+        return out if len(out) > 1 else out[0]
+
+
+def init_cache(config: TransformerConfig, batch: int, max_length: int,
+               dtype: str | None = None) -> dict:
+    """An empty KV cache for `Transformer(config)(..., cache=...)`: keys and values of every
+    layer [B, max_length, K, H] (scanned layers stacked per period slot), the segments of the
+    slots written so far (0 = empty or padding) and the next slot to write."""
+    shape = (batch, max_length, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+
+    def layer(leading=()):
+        return {"key": jnp.zeros(leading + shape, dtype),
+                "value": jnp.zeros(leading + shape, dtype)}
+
+    periods = config.num_scanned_periods
+    return {
+        "index": jnp.zeros((), jnp.int32),
+        "segments": jnp.zeros((batch, max_length), jnp.int32),
+        "scanned": [layer((periods,)) for _ in config.attention_pattern] if periods else None,
+        "unscanned": [layer() for _ in range(config.num_remainder_layers)],
+    }

@@ -1,5 +1,5 @@
 """`gemb train` as 2 and 4 JAX processes equals one process on the same 8-device mesh, in the
-padded and packed layouts, with and without gradient caching; kill -9 of every process and a
+padded and packed layouts, with and without gradient caching, dense and blockwise attention; kill -9 of every process and a
 restart continue the multi-process run bitwise."""
 
 import random
@@ -16,10 +16,15 @@ VARIANTS = {
     "packed": ("--gin.FeatureConverterConfig.pack=True",),
     "gradient_cache": ("--gin.train.step=@StepConfig()",
                        "--gin.StepConfig.gradient_cache_chunk=8"),
-    # Each role's packed rows in 2 chunks: each process rounds its rows to 4 devices x 2.
-    "packed_gradient_cache": ("--gin.FeatureConverterConfig.pack=True",
-                              "--gin.train.step=@StepConfig()",
-                              "--gin.StepConfig.gradient_cache_chunk=8"),
+    # Each role's packed rows in 2 chunks: each process rounds its rows to 4 devices x 2; and
+    # the blockwise attention backend (blocks of 4 rows: several per row, the local layer's
+    # band of 4 + 2 x 4 keys inside the 16-token rows) in the multi-process runs and their
+    # 1-process reference.
+    "packed_gradient_cache_blockwise": (
+        "--gin.FeatureConverterConfig.pack=True", "--gin.train.step=@StepConfig()",
+        "--gin.StepConfig.gradient_cache_chunk=8",
+        "--gin.encoder_config.attention_backend='blockwise'",
+        "--gin.encoder_config.attention_block_size=4"),
 }
 # Every layout in 2 processes, and packed (the layout multi-host changes most) in 4, run by
 # default; the other 4-process layouts (about 80 s each on 2 cores) run with `-m extended`.

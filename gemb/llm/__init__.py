@@ -1,0 +1,1 @@
+"""LLMs for the data-quality stages: gemb's own Gemma 3 decoder (decoder.py)."""
