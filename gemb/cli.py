@@ -8,7 +8,8 @@ import sys
 # command -> module with main(argv) -> int; imported lazily so `gemb embed` never loads TF.
 COMMANDS = {
     "convert": ("gemb.checkpoints.convert", "GGUF / HF safetensors -> gemb model folder"),
-    "data": ("gemb.data.prepare", "`data prepare`: tokenise a task into sharded ArrayRecord files (Beam)"),
+    "data": ("gemb.data.prepare", "`data prepare`: tokenise a task into sharded ArrayRecord "
+             "files (Beam); `data mine-negatives`: LLM-scored hard negatives"),
     "embed": ("gemb.embed", "texts -> embeddings (.npy)"),
     "eval": ("gemb.eval.cli", "score a model on MTEB-style tasks"),
     "train": ("gemb.train.main", "gin-configured training (t5x-style --gin_file / --gin.NAME=VALUE)"),

@@ -447,8 +447,13 @@ def spec_from_args(args: argparse.Namespace) -> PrepareSpec:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "mine-negatives":
+        from gemb.data import hard_negatives
+
+        return hard_negatives.main(argv[1:])
     if not argv or argv[0] != "prepare":
-        print("usage: gemb data prepare --help", file=sys.stderr)
+        print("usage: gemb data prepare --help | gemb data mine-negatives --help",
+              file=sys.stderr)
         return 2
     argv = argv[1:]
     beam_args: list[str] = []
