@@ -17,8 +17,9 @@ COMMANDS = {
     "export": ("gemb.export.sentence_transformers",
                "model folder -> sentence-transformers / transformers folder"),
     "soup": ("gemb.soup", "average the params of several checkpoints into a model folder"),
+    "llm": ("gemb.llm.server", "`llm serve`: an OpenAI-compatible completions server over a model folder"),
 }
-# `convert` and `data` are one host's jobs (`data prepare` scales out through Beam's runner);
+# `convert`, `data` and `llm` are one host's jobs (`data prepare` scales out through Beam's runner);
 # the rest join a multi-process job when launched as one.
 MULTI_PROCESS_COMMANDS = ("embed", "eval", "train", "precompile", "export", "soup")
 

@@ -213,21 +213,28 @@ class GemmaDecoder:
         for start in range(0, len(prompts), self.score_batch_size):
             chunk = range(start, min(start + self.score_batch_size, len(prompts)))
             rows = [list(prompts[i]) + list(continuations[i]) for i in chunk]
-            longest = max(len(r) for r in rows)
-            if longest > self.config.max_length:
-                raise ValueError(f"a prompt + continuation of {longest} tokens exceeds the "
-                                 f"model's max_length {self.config.max_length}.")
-            length = -(-longest // self.length_multiple) * self.length_multiple
-            tokens = np.full((len(rows), length), self.pad_id, np.int32)
-            segments = np.zeros((len(rows), length), np.int32)
-            scored = np.zeros((len(rows), length), bool)  # columns holding continuation tokens
+            tokens, segments = self.right_padded(rows)
+            scored = np.zeros(tokens.shape, bool)  # columns holding continuation tokens
             for row, (i, seq) in enumerate(zip(chunk, rows)):
-                tokens[row, :len(seq)] = seq
-                segments[row, :len(seq)] = 1
                 scored[row, len(prompts[i]):len(seq)] = True
             totals[start:start + len(rows)] = np.asarray(
                 self._sum_log_probs(self.params, tokens, segments, scored), np.float64)
         return totals
+
+    def right_padded(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, segment ids) [len(rows), L] of token rows right-padded to L, the longest
+        row rounded up to a multiple of length_multiple (a few compiled shapes)."""
+        longest = max(len(r) for r in rows)
+        if longest > self.config.max_length:
+            raise ValueError(f"a text of {longest} tokens exceeds the model's max_length "
+                             f"{self.config.max_length}.")
+        length = -(-longest // self.length_multiple) * self.length_multiple
+        tokens = np.full((len(rows), length), self.pad_id, np.int32)
+        segments = np.zeros((len(rows), length), np.int32)
+        for row, seq in enumerate(rows):
+            tokens[row, :len(seq)] = seq
+            segments[row, :len(seq)] = 1
+        return tokens, segments
 
     @functools.partial(jax.jit, static_argnums=(0,))
     def _sum_log_probs(self, params, tokens, segments, scored):

@@ -1,0 +1,66 @@
+"""The one LLM interface of the data-quality stages, and `make_llm` to pick a backend.
+
+Two backends implement it:
+  * `gemb.llm.decoder.GemmaDecoder`: gemb's own Gemma 3, in this process (a model folder).
+  * `gemb.llm.http.OpenAIServerLLM`: any server speaking the OpenAI completions API (vLLM,
+    llama.cpp's llama-server, `gemb llm serve`), by URL.
+
+The stages take an `LLM` and never ask which one they hold.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from gemb.llm.decoder import SamplingConfig
+
+
+@runtime_checkable
+class LLM(Protocol):
+    """What the data-quality stages need from a language model."""
+
+    def generate(self, prompts: Sequence[str], sampling: "SamplingConfig") -> list[str]:
+        """One continuation per prompt, in order: at most sampling.max_new_tokens tokens, cut
+        before the first stop string (and at the model's end-of-sequence token); the prompt is
+        not repeated. temperature 0 is greedy."""
+        ...
+
+    def log_likelihood(self, prompts: Sequence[str], continuations: Sequence[str]
+                       ) -> np.ndarray:
+        """float64 [N]: log p(continuation | prompt) per pair, the sum of the log-probs of the
+        continuation's tokens. Tokenisation is the model's: a continuation that does not start
+        at a token boundary of prompt + continuation (e.g. " Paris" where the tokenizer glues
+        the space to the prompt's last word) is scored over slightly different tokens by the
+        two backends; start continuations with a space (or at a word boundary) to avoid it."""
+        ...
+
+
+def is_server_url(spec: str | os.PathLike) -> bool:
+    return isinstance(spec, str) and spec.startswith(("http://", "https://"))
+
+
+def make_llm(spec, **kwargs) -> LLM:
+    """An LLM from what a user names (e.g. a --llm flag):
+      * "http://host:port" (or https): OpenAIServerLLM(spec, **kwargs);
+      * a model folder (local or gs://, written by `gemb convert`): GemmaDecoder.from_model_dir(
+        spec, **kwargs);
+      * an object that already is an LLM: returned as is.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        if is_server_url(spec):
+            from gemb.llm.http import OpenAIServerLLM
+
+            return OpenAIServerLLM(spec, **kwargs)
+        from gemb.llm.decoder import GemmaDecoder
+
+        return GemmaDecoder.from_model_dir(spec, **kwargs)
+    if isinstance(spec, LLM):
+        if kwargs:
+            raise TypeError(f"options {sorted(kwargs)} cannot apply to an existing {type(spec).__name__}.")
+        return spec
+    raise TypeError(f"make_llm takes a model folder, an http(s):// URL or an LLM, got "
+                    f"{type(spec).__name__}.")
