@@ -9,7 +9,8 @@ import sys
 COMMANDS = {
     "convert": ("gemb.checkpoints.convert", "GGUF / HF safetensors -> gemb model folder"),
     "data": ("gemb.data.prepare", "`data prepare`: tokenise a task into sharded ArrayRecord "
-             "files (Beam); `data mine-negatives`: LLM-scored hard negatives"),
+             "files (Beam); LLM stages: `data mine-negatives`, `data filter-pairs`, "
+             "`data synthesize-queries`"),
     "embed": ("gemb.embed", "texts -> embeddings (.npy)"),
     "eval": ("gemb.eval.cli", "score a model on MTEB-style tasks"),
     "train": ("gemb.train.main", "gin-configured training (t5x-style --gin_file / --gin.NAME=VALUE)"),

@@ -69,3 +69,20 @@ def write_tiny_model_folder(tmp_path_factory, seed=0, **convert_options):
     write_word_level_tokenizer(source)
     return convert.convert(str(source), tmp_path_factory.mktemp("model") / "model",
                            **convert_options)
+
+
+def write_tiny_llm_folder(tmp_path_factory, extra_words=()):
+    """A TINY model folder whose word-level tokenizer covers the whole 512-id vocabulary (so
+    any generated id decodes): WORDS, then `extra_words`, then fillers "w<id>"."""
+    import tokenizers
+
+    folder = write_tiny_model_folder(tmp_path_factory, head_dims=(32,), matryoshka_dims=(32,))
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for word in [*WORDS, *extra_words]:
+        vocab.setdefault(word, len(vocab))
+    while len(vocab) < config.TINY.vocab_size:
+        vocab[f"w{len(vocab)}"] = len(vocab)
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder

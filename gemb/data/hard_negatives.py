@@ -16,9 +16,9 @@ For each training query:
 
 The result is a JSONL file {"query_id", "negative_ids", ...scores for inspection} that
 `read_beir(hard_negatives_path=...)` (a task's source option) reads directly. The stage resumes
-after a crash: queries already in the output are skipped, and every line is flushed when it is
-written. `summary.json` beside the output counts queries, neighbours scored, negatives chosen
-and skipped inputs.
+after a crash (gemb.data.resumable): queries already in the output are skipped, and every line
+is flushed when it is written. `summary.json` beside the output counts queries, neighbours
+scored, negatives chosen and skipped inputs.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from gemb.data import resumable
 from gemb.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -133,17 +134,23 @@ def nearest_neighbours(queries: np.ndarray, corpus: np.ndarray, k: int, partitio
 # ------------------------------------------------------------------------------- LLM scoring
 
 
-def graded_relevance(llm, query: str, passages: Sequence[str]) -> np.ndarray:
-    """Expected grade per passage under the LLM's distribution over the grades 0..3 (each
-    grade's probability from log p(" g" | prompt), renormalised over the grades)."""
-    prompts = [RELEVANCE_PROMPT.format(query=query, passage=p) for p in passages
-               for _ in GRADES]
-    answers = [f" {g}" for _ in passages for g in GRADES]
-    log_probs = np.asarray(llm.log_likelihood(prompts, answers)).reshape(len(passages),
-                                                                         len(GRADES))
+def expected_grade(llm, prompts: Sequence[str]) -> np.ndarray:
+    """Expected grade per prompt under the LLM's distribution over the grades 0..3 as the
+    answer: each grade's probability from log p(" g" | prompt), renormalised over the grades
+    (one log_likelihood call for all prompts x grades). The prompts end where the grade goes
+    (e.g. "...\nRating:"). The LLM judge of every stage (relevance, query realism)."""
+    rows = [p for p in prompts for _ in GRADES]
+    answers = [f" {g}" for _ in prompts for g in GRADES]
+    log_probs = np.asarray(llm.log_likelihood(rows, answers)).reshape(len(prompts), len(GRADES))
     probs = np.exp(log_probs - log_probs.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     return probs @ np.asarray(GRADES, np.float64)
+
+
+def graded_relevance(llm, query: str, passages: Sequence[str]) -> np.ndarray:
+    """Expected relevance grade (0..3, RELEVANCE_PROMPT) of each passage for the query."""
+    return expected_grade(llm, [RELEVANCE_PROMPT.format(query=query, passage=p)
+                                for p in passages])
 
 
 def query_likelihood(llm, query: str, passages: Sequence[str]) -> np.ndarray:
@@ -160,18 +167,6 @@ class MiningQuery:
     query_id: str
     text: str
     positive_ids: tuple[str, ...]
-
-
-def _done_query_ids(path: Path) -> set[str]:
-    """Query ids already written (a torn last line from a crash is ignored and rewritten)."""
-    done = set()
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                done.add(str(json.loads(line)["query_id"]))
-            except (ValueError, KeyError):
-                continue
-    return done
 
 
 def mine_hard_negatives(queries: Sequence[MiningQuery], corpus: Mapping[str, str],
@@ -194,7 +189,7 @@ def mine_hard_negatives(queries: Sequence[MiningQuery], corpus: Mapping[str, str
     if counts["empty_passages_skipped"]:
         log.warning("%d empty corpus passages skipped (never retrieved or chosen).",
                     counts["empty_passages_skipped"])
-    done = _done_query_ids(out_path)
+    done = resumable.done_ids(out_path, key="query_id")
     todo = [q for q in queries if q.query_id not in done]
     counts["already_done"] = len(queries) - len(todo)
     if todo:
@@ -204,8 +199,8 @@ def mine_hard_negatives(queries: Sequence[MiningQuery], corpus: Mapping[str, str
         extra = max(len(q.positive_ids) for q in todo)
         neighbours, similarities = nearest_neighbours(
             query_embeddings, corpus_embeddings, config.top_k + extra, partitioner)
-        cut_logged = False
-        with out_path.open("a", encoding="utf-8") as out, Progress(
+        cuts = resumable.KindCounter(log, "LLM prompt input")
+        with resumable.AppendWriter(out_path) as out, Progress(
                 len(todo), "mining hard negatives", unit="query") as progress:
             for row, query in enumerate(todo):
                 if any(p not in corpus for p in query.positive_ids):
@@ -216,12 +211,10 @@ def mine_hard_negatives(queries: Sequence[MiningQuery], corpus: Mapping[str, str
                 for candidate in candidates:
                     text = corpus[candidate]
                     if len(text) > config.max_passage_chars:
-                        counts["passages_cut_for_the_llm"] += 1
-                        if not cut_logged:
-                            log.warning("passages longer than %d characters are cut for the "
-                                        "LLM prompts (MiningConfig.max_passage_chars); counted "
-                                        "in summary.json.", config.max_passage_chars)
-                            cut_logged = True
+                        cuts.count("passages_cut_for_the_llm",
+                                   f"passage {candidate!r} has {len(text)} characters; passages "
+                                   f"longer than {config.max_passage_chars} are cut for the "
+                                   "LLM prompts (MiningConfig.max_passage_chars)")
                         text = text[:config.max_passage_chars]
                     passages.append(text)
                 relevance = graded_relevance(llm, query.text, passages)
@@ -237,18 +230,18 @@ def mine_hard_negatives(queries: Sequence[MiningQuery], corpus: Mapping[str, str
                 retrieved = {corpus_ids[i]: float(s)
                              for i, s in zip(neighbours[row], similarities[row])}
                 fused_rank = ranks(fused)
-                out.write(json.dumps({
+                out.write({
                     "query_id": query.query_id, "negative_ids": chosen,
                     "candidates": [
                         {"id": c, "similarity": round(retrieved[c], 6),
                          "relevance": round(float(r), 6),
                          "query_log_likelihood": round(float(q), 4), "fused_rank": int(f)}
                         for c, r, q, f in zip(candidates, relevance, likelihood, fused_rank)],
-                }) + "\n")
-                out.flush()
+                })
                 progress.update(1)
+        counts["passages_cut_for_the_llm"] = cuts["passages_cut_for_the_llm"]
     summary = {"config": dataclasses.asdict(config), **counts}
-    (out_path.parent / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    resumable.write_summary(out_path, summary)
     return summary
 
 
@@ -283,6 +276,8 @@ def read_beir_queries(folder: str, split: str, max_queries: int | None = None
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
+    from gemb.llm.interface import add_llm_argument
+
     parser = argparse.ArgumentParser(
         prog="gemb data mine-negatives",
         description="Hard negatives for a BEIR folder's queries: retrieve with a gemb model, "
@@ -293,9 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", required=True, help="qrels split of the training queries "
                         "(never an evaluation split)")
     parser.add_argument("--embedder", required=True, help="gemb model folder that retrieves")
-    parser.add_argument("--llm", required=True,
-                        help="a gemb model folder (its Gemma 3 decoder) or an OpenAI-compatible "
-                             "server URL (http://host:port)")
+    add_llm_argument(parser)
     parser.add_argument("--out", required=True, help="output JSONL")
     parser.add_argument("--top_k", type=int, default=MiningConfig.top_k)
     parser.add_argument("--min_rank", type=int, default=MiningConfig.min_rank)

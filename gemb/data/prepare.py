@@ -447,12 +447,16 @@ def spec_from_args(args: argparse.Namespace) -> PrepareSpec:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "mine-negatives":
-        from gemb.data import hard_negatives
+    llm_stages = {"mine-negatives": "gemb.data.hard_negatives",
+                  "filter-pairs": "gemb.data.llm_filter",
+                  "synthesize-queries": "gemb.data.synthetic"}
+    if argv and argv[0] in llm_stages:
+        import importlib
 
-        return hard_negatives.main(argv[1:])
+        return importlib.import_module(llm_stages[argv[0]]).main(argv[1:])
     if not argv or argv[0] != "prepare":
-        print("usage: gemb data prepare --help | gemb data mine-negatives --help",
+        print("usage: gemb data prepare --help | gemb data mine-negatives --help | "
+              "gemb data filter-pairs --help | gemb data synthesize-queries --help",
               file=sys.stderr)
         return 2
     argv = argv[1:]

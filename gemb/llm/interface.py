@@ -64,3 +64,10 @@ def make_llm(spec, **kwargs) -> LLM:
         return spec
     raise TypeError(f"make_llm takes a model folder, an http(s):// URL or an LLM, got "
                     f"{type(spec).__name__}.")
+
+
+def add_llm_argument(parser) -> None:
+    """The --llm flag of every data stage (what `make_llm` takes)."""
+    parser.add_argument("--llm", required=True,
+                        help="a gemb model folder (its Gemma 3 decoder, in this process) or an "
+                             "OpenAI-compatible server URL (http://host:port)")

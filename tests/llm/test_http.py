@@ -14,12 +14,11 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tiny_checkpoints import WORDS, write_tiny_model_folder
+from tiny_checkpoints import WORDS, write_tiny_llm_folder
 
 from gemb.llm.decoder import GemmaDecoder, SamplingConfig
 from gemb.llm.http import LLMRequestError, LLMServerUnavailable, OpenAIServerLLM
 from gemb.llm.interface import LLM, make_llm
-from gemb.models.config import TINY
 
 PROMPTS = ["what is the capital of france", "python function returns a list",
            "search query", "the title of the text is"]
@@ -30,17 +29,7 @@ STARTUP_TIMEOUT_S = 180
 def model_folder(tmp_path_factory):
     """A TINY folder whose word-level tokenizer covers the whole 512-id vocabulary (so any
     generated id decodes): tiny_checkpoints' words, then fillers "w<id>"."""
-    import tokenizers
-
-    folder = write_tiny_model_folder(tmp_path_factory, head_dims=(32,), matryoshka_dims=(32,))
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
-    for word in WORDS:
-        vocab.setdefault(word, len(vocab))
-    while len(vocab) < TINY.vocab_size:
-        vocab[f"w{len(vocab)}"] = len(vocab)
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
+    folder = write_tiny_llm_folder(tmp_path_factory)
     assert not (folder / "tokenizer.model").exists()
     return folder
 
