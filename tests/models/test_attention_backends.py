@@ -2,8 +2,8 @@
 
 Layer-level cases cover global and local layers, bidirectional and causal masks, padding,
 packed segments, one kv head and several; the Pallas kernels (TPU splash, GPU flash) run in
-interpret mode on CPU. cuDNN cannot run on CPU: its choice of layers is tested here, its
-numerics on an accelerator (bench/accelerator.py --check).
+interpret mode on CPU. cuDNN has no CPU implementation: its choice of layers is tested here;
+its numerics need an NVIDIA GPU (test_cudnn_equals_xla_on_a_gpu runs only there).
 """
 
 import functools
@@ -187,3 +187,18 @@ def test_encoder_blockwise_equals_xla(layout):
     for (path, grad), want in zip(jax.tree_util.tree_leaves_with_path(grads),
                                   jax.tree.leaves(expected_grads)):
         _assert_close(grad, want, jax.tree_util.keystr(path))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("mode,reach", [("bidirectional", None), ("causal", None), ("causal", 5)])
+def test_cudnn_equals_xla_on_a_gpu(mode, reach):
+    # Padded rows only (one example per row from column 0): what cuDNN's lengths describe.
+    # cuDNN's fused kernel takes bf16 / fp16 inputs, hence a bf16 tolerance against fp32 xla.
+    spec = backends.LayerSpec(mode, reach)
+    query, key, value, weights = _inputs(2, 64, 4, 1, 64)
+    segment_ids = jnp.asarray(_segments(2, 64, "padded", 0))
+    expected, _ = _value_and_grads("xla", spec, query, key, value, segment_ids, weights, False)
+    actual, _ = _value_and_grads("cudnn", spec, query.astype(jnp.bfloat16),
+                                 key.astype(jnp.bfloat16), value.astype(jnp.bfloat16),
+                                 segment_ids, weights, False)
+    np.testing.assert_allclose(actual, expected, atol=2e-2, rtol=2e-2)
