@@ -10,7 +10,8 @@ COMMANDS = {
     "convert": ("gemb.checkpoints.convert", "GGUF / HF safetensors -> gemb model folder"),
     "data": ("gemb.data.prepare", "`data prepare`: tokenise a task into sharded ArrayRecord "
              "files (Beam); LLM stages: `data mine-negatives`, `data filter-pairs`, "
-             "`data synthesize-queries`"),
+             "`data synthesize-queries`, `data synthesize-classification` (`data beam STAGE`: "
+             "one as a Beam pipeline)"),
     "embed": ("gemb.embed", "texts -> embeddings (.npy)"),
     "eval": ("gemb.eval.cli", "score a model on MTEB-style tasks"),
     "train": ("gemb.train.main", "gin-configured training (t5x-style --gin_file / --gin.NAME=VALUE)"),

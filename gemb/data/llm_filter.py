@@ -102,6 +102,33 @@ def _check_pair(record, config: FilterConfig, where: str, bad: resumable.KindCou
     return texts
 
 
+def check_pair(number: int, record: Optional[dict], input_path: str, config: FilterConfig,
+               bad: resumable.KindCounter) -> Optional[tuple[str, tuple[dict, str, str]]]:
+    """One input line -> (its id, the batch item (record with its id, query, passage as the
+    LLM sees them)), or None (counted in `bad`) when it cannot be judged. Duplicate ids are
+    the caller's."""
+    texts = None if record is None else _check_pair(record, config, f"{input_path}:{number}",
+                                                    bad)
+    if texts is None:
+        return None
+    item_id = resumable.record_id(record, number)
+    return item_id, (with_id(record, item_id), *texts)
+
+
+def judge_batch(llm, batch: Sequence[tuple[dict, str, str]], config: FilterConfig
+                ) -> list[tuple[dict, Optional[str]]]:
+    """Grade some pairs (record, query, passage): (record + relevance, None) to keep or
+    (record + relevance, "below_threshold") to drop, in order. The one per-batch step of the
+    in-process stage and of the Beam pipeline (gemb.data.llm_beam)."""
+    grades = expected_grade(llm, [RELEVANCE_PROMPT.format(query=q, passage=p)
+                                  for _, q, p in batch])
+    out = []
+    for (record, _, _), grade in zip(batch, grades):
+        scored = {**record, "relevance": round(float(grade), 6)}
+        out.append((scored, None if grade >= config.threshold else "below_threshold"))
+    return out
+
+
 def filter_pairs(input_path: str, llm, out_dir: str, config: FilterConfig = FilterConfig(),
                  max_records: Optional[int] = None) -> dict:
     """Runs the stage (module docstring) over the first max_records records; returns the
@@ -116,34 +143,31 @@ def filter_pairs(input_path: str, llm, out_dir: str, config: FilterConfig = Filt
             total, "filtering pairs", unit="record") as progress:
 
         def judge(batch):
-            grades = expected_grade(llm, [RELEVANCE_PROMPT.format(query=q, passage=p)
-                                          for _, q, p in batch])
-            for (record, _, _), grade in zip(batch, grades):
-                scored = {**record, "relevance": round(float(grade), 6)}
-                if grade >= config.threshold:
-                    output.keep(scored)
+            for record, reason in judge_batch(llm, batch, config):
+                if reason is None:
+                    output.keep(record)
                 else:
-                    output.drop(scored, "below_threshold")
+                    output.drop(record, reason)
             counts["scored"] += len(batch)
             progress.update(len(batch))
 
         for number, record in resumable.read_input_records(input_path, bad, max_records):
             counts["read"] += 1
-            where = f"{input_path}:{number}"
-            texts = None if record is None else _check_pair(record, config, where, bad)
-            item_id = resumable.record_id(record or {}, number)
-            if texts is not None and item_id in seen:
-                bad.count("duplicate_id", f"{where}: id {item_id!r} again (the first is kept)")
-                texts = None
-            if texts is None:
+            checked = check_pair(number, record, input_path, config, bad)
+            if checked is not None and checked[0] in seen:
+                bad.count("duplicate_id", f"{input_path}:{number}: id {checked[0]!r} again "
+                                          "(the first is kept)")
+                checked = None
+            if checked is None:
                 progress.update(1)
                 continue
+            item_id, item = checked
             seen.add(item_id)
             if item_id in output.done:
                 counts["already_done"] += 1
                 progress.update(1)
                 continue
-            batch.append((with_id(record, item_id), *texts))
+            batch.append(item)
             if len(batch) == config.batch_size:
                 judge(batch)
                 batch = []
@@ -157,7 +181,8 @@ def filter_pairs(input_path: str, llm, out_dir: str, config: FilterConfig = Filt
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser():
+    """The stage's flags (also `gemb data beam filter-pairs`'s)."""
     import argparse
 
     from gemb.llm.interface import add_llm_argument
@@ -176,11 +201,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max_chars", type=int, default=FilterConfig.max_chars)
     parser.add_argument("--batch_size", type=int, default=FilterConfig.batch_size)
     parser.add_argument("--max_records", type=int)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def config_from_args(args) -> FilterConfig:
+    return FilterConfig(args.threshold, args.max_chars, args.batch_size)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from gemb.llm.interface import make_llm
 
-    config = FilterConfig(args.threshold, args.max_chars, args.batch_size)
-    summary = filter_pairs(args.input, make_llm(args.llm), args.out, config, args.max_records)
+    summary = filter_pairs(args.input, make_llm(args.llm), args.out, config_from_args(args),
+                           args.max_records)
     print(json.dumps(summary), flush=True)
     return 0

@@ -365,17 +365,21 @@ def run_pipeline(spec: PrepareSpec, output: str, num_shards: int,
 
     if num_shards < 1:
         raise ValueError(f"--num_shards must be >= 1, got {num_shards}")
-    options = PipelineOptions(list(beam_args))
-    runner = None
-    if not any(arg.startswith("--runner") for arg in beam_args):
-        # The DirectRunner's in-process engine, named directly: the DirectRunner itself first
-        # tries to download the Prism runner from GitHub, which an offline machine cannot.
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
-        runner = FnApiRunner()
-    with beam.Pipeline(runner=runner, options=options) as pipeline:
+    with beam.Pipeline(runner=default_runner(beam_args),
+                       options=PipelineOptions(list(beam_args))) as pipeline:
         build_pipeline(pipeline, spec, str(output), num_shards)
     return prepared.read_info(output)
+
+
+def default_runner(beam_args: Sequence[str]):
+    """None (Beam picks the runner named by --runner) when `beam_args` name one, else the
+    DirectRunner's in-process engine, the FnApiRunner, named directly: the DirectRunner itself
+    first tries to download the Prism runner from GitHub, which an offline machine cannot."""
+    if any(arg.startswith("--runner") for arg in beam_args):
+        return None
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    return FnApiRunner()
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -449,14 +453,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     llm_stages = {"mine-negatives": "gemb.data.hard_negatives",
                   "filter-pairs": "gemb.data.llm_filter",
-                  "synthesize-queries": "gemb.data.synthetic"}
+                  "synthesize-queries": "gemb.data.synthetic",
+                  "synthesize-classification": "gemb.data.synthetic_classification",
+                  "beam": "gemb.data.llm_beam"}
     if argv and argv[0] in llm_stages:
         import importlib
 
         return importlib.import_module(llm_stages[argv[0]]).main(argv[1:])
     if not argv or argv[0] != "prepare":
         print("usage: gemb data prepare --help | gemb data mine-negatives --help | "
-              "gemb data filter-pairs --help | gemb data synthesize-queries --help",
+              "gemb data filter-pairs --help | gemb data synthesize-queries --help | "
+              "gemb data synthesize-classification --help | gemb data beam --help",
               file=sys.stderr)
         return 2
     argv = argv[1:]

@@ -200,6 +200,15 @@ def record_id(record: Mapping[str, Any], line_number: int) -> str:
     return f"line:{line_number}" if value is None else str(value)
 
 
+def kept_and_dropped_totals(kept: int, dropped_by_reason: Mapping[str, int]) -> dict[str, Any]:
+    """A judging stage's summary totals: kept, dropped, drop_rate, dropped_by_reason."""
+    dropped = sum(dropped_by_reason.values())
+    judged = kept + dropped
+    return {"kept": kept, "dropped": dropped,
+            "drop_rate": round(dropped / judged, 6) if judged else 0.0,
+            "dropped_by_reason": dict(sorted(dropped_by_reason.items()))}
+
+
 class KeptAndDropped:
     """An output folder of `kept.jsonl` and `dropped.jsonl`, records keyed by "id" (a context
     manager). `done` holds the ids in either file when it was opened; the totals count both
@@ -242,11 +251,7 @@ class KeptAndDropped:
         self.dropped_by_reason[reason] += 1
 
     def totals(self) -> dict[str, Any]:
-        dropped = sum(self.dropped_by_reason.values())
-        judged = self.kept + dropped
-        return {"kept": self.kept, "dropped": dropped,
-                "drop_rate": round(dropped / judged, 6) if judged else 0.0,
-                "dropped_by_reason": dict(sorted(self.dropped_by_reason.items()))}
+        return kept_and_dropped_totals(self.kept, self.dropped_by_reason)
 
     def write_summary(self, counts: Mapping[str, Any]) -> Path:
         return write_summary(self.kept_path, counts)

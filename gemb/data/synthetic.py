@@ -134,19 +134,76 @@ def passage_seed(run_seed: int, passage_id: str) -> int:
     return int.from_bytes(digest, "little") % (1 << 31)
 
 
-def clean_reply(reply: str) -> Optional[str]:
-    """The query in an LLM reply: its first non-blank line, stripped of a "Query:" label and of
-    quotes; None when nothing usable is left (empty, or no letter or digit)."""
+def clean_reply(reply: str, label: str = "Query") -> Optional[str]:
+    """The answer in an LLM reply: its first non-blank line, stripped of a "<label>:" prefix
+    and of quotes; None when nothing usable is left (empty, or no letter or digit)."""
     lines = [line.strip() for line in reply.splitlines() if line.strip()]
     if not lines:
         return None
-    query = lines[0]
-    if query.lower().startswith("query:"):
-        query = query[len("query:"):].strip()
-    query = query.strip("\"'`").strip()
-    if not any(character.isalnum() for character in query):
+    answer = lines[0]
+    prefix = f"{label.lower()}:"
+    if answer.lower().startswith(prefix):
+        answer = answer[len(prefix):].strip()
+    answer = answer.strip("\"'`").strip()
+    return answer if any(character.isalnum() for character in answer) else None
+
+
+def generate_each(llm, prompts: Sequence[str], samplings: Sequence, pool=None) -> list[str]:
+    """One generate call per prompt, each with its own SamplingConfig (its own seed, so a
+    reply does not depend on the batch it came in); `pool` (an Executor) keeps several calls
+    in flight, for a server. Replies in order."""
+    def one(pair):
+        return llm.generate([pair[0]], pair[1])[0]
+
+    pairs = list(zip(prompts, samplings))
+    return list(pool.map(one, pairs)) if pool is not None else [one(pair) for pair in pairs]
+
+
+def check_passage(number: int, record: Optional[dict], input_path: str,
+                  config: SynthesisConfig, bad: resumable.KindCounter
+                  ) -> Optional[tuple[str, tuple[str, str, str]]]:
+    """One input line -> (its id, the batch item (id, passage, text for the prompts)), or None
+    (counted in `bad`) when it holds no usable passage. Duplicate ids are the caller's."""
+    where = f"{input_path}:{number}"
+    text = None if record is None else check_text(
+        record, "text", config.max_passage_chars, where, bad)
+    if text is None:
         return None
-    return query
+    passage_id = resumable.record_id(record, number)
+    return passage_id, (passage_id, record["text"], text)
+
+
+def synthesize_batch(llm, batch: Sequence[tuple[str, str, str]], config: SynthesisConfig,
+                     replies: resumable.KindCounter, pool=None
+                     ) -> list[tuple[dict, Optional[str]]]:
+    """Generate, clean and rate the queries of some passages (id, passage, text for the
+    prompts): (record, None) to keep or (record, reason) to drop, in order. The one per-batch
+    step of the in-process stage and of the Beam pipeline (gemb.data.llm_beam)."""
+    replies_in_order = generate_each(
+        llm, [config.prompt.render(text) for _, _, text in batch],
+        [config.sampling(passage_seed(config.seed, passage_id)) for passage_id, _, _ in batch],
+        pool)
+    queries = []
+    for (passage_id, _, _), reply in zip(batch, replies_in_order):
+        query = clean_reply(reply)
+        if query is None:
+            replies.count("unparseable_reply",
+                          f"passage {passage_id!r}: the reply {reply!r} holds no query")
+        queries.append((query, reply))
+    rated = [(i, q) for i, (q, _) in enumerate(queries) if q is not None]
+    grades = expected_grade(llm, [REALISM_PROMPT.format(passage=batch[i][2], query=q)
+                                  for i, q in rated]) if rated else []
+    realism = {i: float(g) for (i, _), g in zip(rated, grades)}
+    out = []
+    for i, ((passage_id, passage, _), (query, reply)) in enumerate(zip(batch, queries)):
+        if query is None:
+            out.append(({"id": passage_id, "reply": reply, "positive": passage,
+                         "realism": None}, "unparseable_reply"))
+            continue
+        record = {"id": passage_id, "query": query, "positive": passage,
+                  "realism": round(realism[i], 6)}
+        out.append((record, None if realism[i] >= config.threshold else "below_threshold"))
+    return out
 
 
 def synthesize_queries(input_path: str, llm, out_dir: str,
@@ -169,60 +226,32 @@ def synthesize_queries(input_path: str, llm, out_dir: str,
         replies.counts.update({"unparseable_reply":
                                output.dropped_by_reason.get("unparseable_reply", 0)})
 
-        def generate(item):
-            passage_id, _, prompt_text = item
-            return llm.generate([config.prompt.render(prompt_text)],
-                                config.sampling(passage_seed(config.seed, passage_id)))[0]
-
         def run(batch):
-            if pool is None:
-                replies_in_order = [generate(item) for item in batch]
-            else:
-                replies_in_order = list(pool.map(generate, batch))
-            queries = []
-            for (passage_id, _, _), reply in zip(batch, replies_in_order):
-                query = clean_reply(reply)
-                if query is None:
-                    replies.count("unparseable_reply",
-                                  f"passage {passage_id!r}: the reply {reply!r} holds no query")
-                queries.append((query, reply))
-            rated = [(i, q) for i, (q, _) in enumerate(queries) if q is not None]
-            grades = expected_grade(llm, [REALISM_PROMPT.format(passage=batch[i][2], query=q)
-                                          for i, q in rated]) if rated else []
-            realism = {i: float(g) for (i, _), g in zip(rated, grades)}
-            for i, ((passage_id, passage, _), (query, reply)) in enumerate(zip(batch, queries)):
-                if query is None:
-                    output.drop({"id": passage_id, "reply": reply, "positive": passage,
-                                 "realism": None}, "unparseable_reply")
-                    continue
-                record = {"id": passage_id, "query": query, "positive": passage,
-                          "realism": round(realism[i], 6)}
-                if realism[i] >= config.threshold:
+            for record, reason in synthesize_batch(llm, batch, config, replies, pool):
+                if reason is None:
                     output.keep(record)
                 else:
-                    output.drop(record, "below_threshold")
+                    output.drop(record, reason)
             counts["generated"] += len(batch)
             progress.update(len(batch))
 
         for number, record in resumable.read_input_records(input_path, bad, max_passages):
             counts["read"] += 1
-            where = f"{input_path}:{number}"
-            text = None if record is None else check_text(
-                record, "text", config.max_passage_chars, where, bad)
-            passage_id = resumable.record_id(record or {}, number)
-            if text is not None and passage_id in seen:
-                bad.count("duplicate_id", f"{where}: id {passage_id!r} again (the first is "
-                                          "kept)")
-                text = None
-            if text is None:
+            checked = check_passage(number, record, input_path, config, bad)
+            if checked is not None and checked[0] in seen:
+                bad.count("duplicate_id", f"{input_path}:{number}: id {checked[0]!r} again "
+                                          "(the first is kept)")
+                checked = None
+            if checked is None:
                 progress.update(1)
                 continue
+            passage_id, item = checked
             seen.add(passage_id)
             if passage_id in output.done:
                 counts["already_done"] += 1
                 progress.update(1)
                 continue
-            batch.append((passage_id, record["text"], text))
+            batch.append(item)
             if len(batch) == config.batch_size:
                 run(batch)
                 batch = []
@@ -236,7 +265,8 @@ def synthesize_queries(input_path: str, llm, out_dir: str,
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser():
+    """The stage's flags (also `gemb data beam synthesize-queries`'s)."""
     import argparse
 
     from gemb.llm.interface import add_llm_argument
@@ -265,17 +295,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=SynthesisConfig.batch_size)
     parser.add_argument("--concurrency", type=int, default=SynthesisConfig.concurrency,
                         help="generate requests in flight (for a server --llm)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from gemb.llm.interface import make_llm
+    return parser
 
-    config = SynthesisConfig(
+
+def config_from_args(args) -> SynthesisConfig:
+    return SynthesisConfig(
         threshold=args.threshold, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, seed=args.seed,
         max_passage_chars=args.max_passage_chars, batch_size=args.batch_size,
         concurrency=args.concurrency,
         prompt=QueryPrompt.from_json(args.prompt) if args.prompt else DEFAULT_QUERY_PROMPT)
-    summary = synthesize_queries(args.input, make_llm(args.llm), args.out, config,
-                                 args.max_passages)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from gemb.llm.interface import make_llm
+
+    summary = synthesize_queries(args.input, make_llm(args.llm), args.out,
+                                 config_from_args(args), args.max_passages)
     print(json.dumps(summary), flush=True)
     return 0
