@@ -201,7 +201,7 @@ def mine_hard_negatives(queries: Sequence[MiningQuery], corpus: Mapping[str, str
             query_embeddings, corpus_embeddings, config.top_k + extra, partitioner)
         cuts = resumable.KindCounter(log, "LLM prompt input")
         with resumable.AppendWriter(out_path) as out, Progress(
-                len(todo), "mining hard negatives", unit="query") as progress:
+                len(todo), "mining hard negatives", unit="query text") as progress:
             for row, query in enumerate(todo):
                 if any(p not in corpus for p in query.positive_ids):
                     counts["queries_with_unknown_positives"] += 1

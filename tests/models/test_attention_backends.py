@@ -156,14 +156,14 @@ def test_backend_resolution_per_platform_and_layer():
         TINY.replace(attention_backend="flash")
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_encoder_blockwise_equals_xla(layout):
+def test_encoder_blockwise_equals_xla():
     """The whole TINY encoder (both layer types, GQA, scanned and unscanned layers): the
-    pooled embeddings and every parameter gradient."""
+    pooled embeddings and every parameter gradient, on packed rows with trailing padding (the
+    layer-level cases above cover the padded layout)."""
     batch, length = 3, 40
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(3, TINY.vocab_size, (batch, length)), jnp.int32)
-    segment_ids = jnp.asarray(_segments(batch, length, layout, seed=2))
+    segment_ids = jnp.asarray(_segments(batch, length, "packed", seed=2))
     num_segments = int(segment_ids.max())
     xla_config = TINY_ENCODER.replace(transformer=TINY.replace(attention_backend="xla"))
     params = Encoder(xla_config).init(jax.random.key(0), tokens, segment_ids,
