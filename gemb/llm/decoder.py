@@ -214,11 +214,21 @@ class GemmaDecoder:
             chunk = range(start, min(start + self.score_batch_size, len(prompts)))
             rows = [list(prompts[i]) + list(continuations[i]) for i in chunk]
             tokens, segments = self.right_padded(rows)
-            scored = np.zeros(tokens.shape, bool)  # columns holding continuation tokens
-            for row, (i, seq) in enumerate(zip(chunk, rows)):
-                scored[row, len(prompts[i]):len(seq)] = True
-            totals[start:start + len(rows)] = np.asarray(
-                self._sum_log_probs(self.params, tokens, segments, scored), np.float64)
+            # Only the columns that predict a continuation token go through the LM head: with
+            # a 262k vocabulary the head costs more than the transformer on long prompts with
+            # short continuations (a grade, a query). Their count is rounded up to a power of
+            # two (a few compiled shapes).
+            width = 1 << (max(len(continuations[i]) for i in chunk) - 1).bit_length()
+            columns = np.zeros((len(rows), width), np.int32)
+            targets = np.zeros((len(rows), width), np.int32)
+            valid = np.zeros((len(rows), width), bool)
+            for row, i in enumerate(chunk):
+                count, first = len(continuations[i]), len(prompts[i])
+                columns[row, :count] = np.arange(first - 1, first - 1 + count)
+                targets[row, :count] = continuations[i]
+                valid[row, :count] = True
+            totals[start:start + len(rows)] = np.asarray(self._sum_log_probs(
+                self.params, tokens, segments, columns, targets, valid), np.float64)
         return totals
 
     def right_padded(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -237,11 +247,15 @@ class GemmaDecoder:
         return tokens, segments
 
     @functools.partial(jax.jit, static_argnums=(0,))
-    def _sum_log_probs(self, params, tokens, segments, scored):
-        _, logits = self.model.apply({"params": params}, tokens, segments, return_logits=True)
-        log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-        targets = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(scored[:, 1:], targets, 0.0), axis=-1)
+    def _sum_log_probs(self, params, tokens, segments, columns, targets, valid):
+        """sum over valid c of log p(targets[c] | tokens up to columns[c]), per row."""
+        hidden = self.model.apply({"params": params}, tokens, segments)
+        picked = jnp.take_along_axis(hidden, columns[..., None], axis=1)  # [B, C, D]
+        logits = self.model.apply({"params": params}, picked,
+                                  method=lambda m, h: m.embedder.decode(h)).astype(jnp.float32)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        chosen = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(valid, chosen, 0.0), axis=-1)
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
