@@ -135,8 +135,6 @@ def filter_pairs(input_path: str, llm, out_dir: str, config: FilterConfig = Filt
     summary it also writes. llm: anything with log_likelihood (gemb.llm.interface.LLM)."""
     bad = resumable.KindCounter(log, "bad record")
     counts = {"read": 0, "already_done": 0, "scored": 0}
-    seen: set[str] = set()
-    batch: list[tuple[dict, str, str]] = []
     total = resumable.count_input_lines(input_path, max_records)
 
     with resumable.KeptAndDropped(out_dir) as output, Progress(
@@ -151,28 +149,11 @@ def filter_pairs(input_path: str, llm, out_dir: str, config: FilterConfig = Filt
             counts["scored"] += len(batch)
             progress.update(len(batch))
 
-        for number, record in resumable.read_input_records(input_path, bad, max_records):
-            counts["read"] += 1
-            checked = check_pair(number, record, input_path, config, bad)
-            if checked is not None and checked[0] in seen:
-                bad.count("duplicate_id", f"{input_path}:{number}: id {checked[0]!r} again "
-                                          "(the first is kept)")
-                checked = None
-            if checked is None:
-                progress.update(1)
-                continue
-            item_id, item = checked
-            seen.add(item_id)
-            if item_id in output.done:
-                counts["already_done"] += 1
-                progress.update(1)
-                continue
-            batch.append(item)
-            if len(batch) == config.batch_size:
-                judge(batch)
-                batch = []
-        if batch:
-            judge(batch)
+        def check(number, record):
+            return check_pair(number, record, input_path, config, bad)
+
+        resumable.process_in_batches(input_path, check, output.done, counts, bad, progress,
+                                     config.batch_size, judge, max_records)
 
     summary = {"stage": "filter-pairs", "input": str(input_path),
                "config": dataclasses.asdict(config), **counts, **output.totals(),

@@ -194,6 +194,39 @@ def read_input_records(path: str | os.PathLike, bad: KindCounter,
             yield number, record
 
 
+def process_in_batches(input_path: str | os.PathLike, check, done: set[str],
+                       counts: dict[str, int], bad: KindCounter, progress, batch_size: int,
+                       process, max_records: Optional[int] = None) -> None:
+    """The loop every stage runs over its input: read each record, `check(number, record)` it
+    (-> (id, item), or None when it is bad and was counted), drop a repeated id (the first is
+    kept) and ids already `done`, and call `process(batch)` on every `batch_size` items left.
+    Skipped records advance `progress` here; processed ones are `process`'s to count."""
+    seen: set[str] = set()
+    batch: list = []
+    for number, record in read_input_records(input_path, bad, max_records):
+        counts["read"] += 1
+        checked = check(number, record)
+        if checked is not None and checked[0] in seen:
+            bad.count("duplicate_id", f"{input_path}:{number}: id {checked[0]!r} again "
+                                      "(the first is kept)")
+            checked = None
+        if checked is None:
+            progress.update(1)
+            continue
+        item_id, item = checked
+        seen.add(item_id)
+        if item_id in done:
+            counts["already_done"] += 1
+            progress.update(1)
+            continue
+        batch.append(item)
+        if len(batch) == batch_size:
+            process(batch)
+            batch = []
+    if batch:
+        process(batch)
+
+
 def record_id(record: Mapping[str, Any], line_number: int) -> str:
     """An input record's item id: its "id" field (as a string), else "line:N"."""
     value = record.get("id")

@@ -213,8 +213,6 @@ def synthesize_queries(input_path: str, llm, out_dir: str,
     summary it also writes. llm: a gemb.llm.interface.LLM (generate and log_likelihood)."""
     bad = resumable.KindCounter(log, "bad passage")
     counts = {"read": 0, "already_done": 0, "generated": 0}
-    seen: set[str] = set()
-    batch: list[tuple[str, str, str]] = []  # (id, passage text, text for the prompts)
     total = resumable.count_input_lines(input_path, max_passages)
 
     with contextlib.ExitStack() as stack:
@@ -235,28 +233,11 @@ def synthesize_queries(input_path: str, llm, out_dir: str,
             counts["generated"] += len(batch)
             progress.update(len(batch))
 
-        for number, record in resumable.read_input_records(input_path, bad, max_passages):
-            counts["read"] += 1
-            checked = check_passage(number, record, input_path, config, bad)
-            if checked is not None and checked[0] in seen:
-                bad.count("duplicate_id", f"{input_path}:{number}: id {checked[0]!r} again "
-                                          "(the first is kept)")
-                checked = None
-            if checked is None:
-                progress.update(1)
-                continue
-            passage_id, item = checked
-            seen.add(passage_id)
-            if passage_id in output.done:
-                counts["already_done"] += 1
-                progress.update(1)
-                continue
-            batch.append(item)
-            if len(batch) == config.batch_size:
-                run(batch)
-                batch = []
-        if batch:
-            run(batch)
+        def check(number, record):
+            return check_passage(number, record, input_path, config, bad)
+
+        resumable.process_in_batches(input_path, check, output.done, counts, bad, progress,
+                                     config.batch_size, run, max_passages)
 
     summary = {"stage": "synthesize-queries", "input": str(input_path),
                "config": dataclasses.asdict(config), **counts, **output.totals(),
