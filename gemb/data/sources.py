@@ -177,7 +177,8 @@ def read_beir(
     Each query-document pair with score > 0 becomes one record {query, positive,
     positive_title, negatives, negative_titles}. Negatives are the query's documents with score
     <= 0 in the qrels and, when `hard_negatives_path` is given, the ids listed there (JSONL
-    objects {"query_id": ..., "negative_ids": [...]}), in that order.
+    objects {"query_id": ..., "negative_ids": [...]}; a file or a glob of shards), in that
+    order.
     """
     corpus: dict[str, tuple[str, str]] = {}
     for raw in read_jsonl(_beir_file(folder, "corpus")):
@@ -204,7 +205,12 @@ def read_beir(
         else:
             negative_ids.setdefault(query_id, []).append(doc_id)
     if hard_negatives_path:
-        for raw in read_jsonl(hard_negatives_path):
+        # A file, or a glob of shards (`gemb data beam mine-negatives` writes negatives-*.jsonl).
+        mined_files = sorted(tf.io.gfile.glob(hard_negatives_path))
+        if not mined_files:
+            raise FileNotFoundError(f"hard_negatives_path {hard_negatives_path!r} matches no "
+                                    "file; give the JSONL `gemb data mine-negatives` wrote.")
+        for raw in (r for path in mined_files for r in read_jsonl(path)):
             if raw.error is None:
                 ids = raw.value.get("negative_ids") or []
                 negative_ids.setdefault(str(raw.value.get("query_id")), []).extend(str(i) for i in ids)

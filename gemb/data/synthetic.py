@@ -31,8 +31,11 @@ import json
 import logging
 from typing import Optional, Sequence
 
+import numpy as np
+
 from gemb.data import resumable
-from gemb.data.hard_negatives import expected_grade
+from gemb.data.hard_negatives import (GRADE_OUTSIDE_SCALE, count_unusable_grades,
+                                      expected_grade)
 from gemb.data.llm_filter import check_text
 from gemb.progress import Progress
 
@@ -193,12 +196,17 @@ def synthesize_batch(llm, batch: Sequence[tuple[str, str, str]], config: Synthes
     rated = [(i, q) for i, (q, _) in enumerate(queries) if q is not None]
     grades = expected_grade(llm, [REALISM_PROMPT.format(passage=batch[i][2], query=q)
                                   for i, q in rated]) if rated else []
+    count_unusable_grades(np.asarray(grades, np.float64), replies, "synthesize-queries")
     realism = {i: float(g) for (i, _), g in zip(rated, grades)}
     out = []
     for i, ((passage_id, passage, _), (query, reply)) in enumerate(zip(batch, queries)):
         if query is None:
             out.append(({"id": passage_id, "reply": reply, "positive": passage,
                          "realism": None}, "unparseable_reply"))
+            continue
+        if np.isnan(realism[i]):
+            out.append(({"id": passage_id, "query": query, "positive": passage,
+                         "realism": None}, GRADE_OUTSIDE_SCALE))
             continue
         record = {"id": passage_id, "query": query, "positive": passage,
                   "realism": round(realism[i], 6)}
@@ -221,8 +229,8 @@ def synthesize_queries(input_path: str, llm, out_dir: str,
         output = stack.enter_context(resumable.KeptAndDropped(out_dir))
         progress = stack.enter_context(Progress(total, "synthesizing queries", unit="passage"))
         replies = resumable.KindCounter(log, "bad LLM reply")
-        replies.counts.update({"unparseable_reply":
-                               output.dropped_by_reason.get("unparseable_reply", 0)})
+        replies.counts.update({kind: output.dropped_by_reason.get(kind, 0)
+                               for kind in ("unparseable_reply", GRADE_OUTSIDE_SCALE)})
 
         def run(batch):
             for record, reason in synthesize_batch(llm, batch, config, replies, pool):
@@ -241,7 +249,9 @@ def synthesize_queries(input_path: str, llm, out_dir: str,
 
     summary = {"stage": "synthesize-queries", "input": str(input_path),
                "config": dataclasses.asdict(config), **counts, **output.totals(),
-               "bad_passages": bad.as_dict(), "bad_replies": replies.as_dict()}
+               "bad_passages": bad.as_dict(),
+               "bad_replies": {"unparseable_reply": 0, GRADE_OUTSIDE_SCALE: 0,
+                               **replies.as_dict()}}
     output.write_summary(summary)
     return summary
 
@@ -291,9 +301,9 @@ def config_from_args(args) -> SynthesisConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from gemb.llm.interface import make_llm
+    from gemb.llm.interface import llm_from_args
 
-    summary = synthesize_queries(args.input, make_llm(args.llm), args.out,
+    summary = synthesize_queries(args.input, llm_from_args(args), args.out,
                                  config_from_args(args), args.max_passages)
     print(json.dumps(summary), flush=True)
     return 0

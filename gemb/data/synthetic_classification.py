@@ -415,8 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         task, config = task_and_config_from_args(args)
     except (OSError, ValueError) as error:
         parser.error(str(error))
-    from gemb.llm.interface import make_llm
+    from gemb.llm.interface import llm_from_args
 
-    summary = synthesize_classification(task, make_llm(args.llm), args.out, config)
+    summary = synthesize_classification(task, llm_from_args(args), args.out, config)
     print(json.dumps(summary), flush=True)
     return 0

@@ -188,6 +188,43 @@ class RetrievalData:
                              "to evaluate.")
 
 
+def subsample(data: RetrievalData, num_queries: Optional[int] = None,
+              corpus_size: Optional[int] = None, seed: int = 0) -> RetrievalData:
+    """A seeded sample of a retrieval task, for evaluation that must stay short (CPU runs).
+
+    num_queries: the queries kept (a random subset). corpus_size: the corpus is cut to the kept
+    queries' relevant documents plus random other documents up to this size, so every kept
+    query can still find its documents. A cut corpus has fewer distractors, so its scores are
+    higher than the full task's and comparable only with runs on the same sample (the notes say
+    so).
+    """
+    rng = np.random.default_rng(seed)
+    query_ids = list(data.queries)
+    if num_queries is not None and num_queries < len(query_ids):
+        query_ids = [query_ids[i] for i in sorted(rng.permutation(len(query_ids))[:num_queries])]
+    queries = {q: data.queries[q] for q in query_ids}
+    qrels = {q: data.qrels[q] for q in query_ids if q in data.qrels}
+    corpus_ids, corpus_texts = data.corpus_ids, data.corpus_texts
+    notes = list(data.notes)
+    if corpus_size is not None and corpus_size < len(corpus_ids):
+        relevant = {d for docs in qrels.values() for d, score in docs.items() if score > 0}
+        if len(relevant) > corpus_size:
+            raise ValueError(f"{data.source}: corpus_size={corpus_size} is smaller than the "
+                             f"{len(relevant)} documents relevant to the kept queries; raise it "
+                             "or keep fewer queries.")
+        others = [i for i, d in enumerate(corpus_ids) if d not in relevant]
+        distractors = {others[j] for j in rng.permutation(len(others))[:corpus_size - len(relevant)]}
+        keep = [i for i, d in enumerate(corpus_ids) if d in relevant or i in distractors]
+        corpus_ids = [corpus_ids[i] for i in keep]
+        corpus_texts = [data.corpus_texts[i] for i in keep]
+    if len(queries) < len(data.queries) or len(corpus_ids) < len(data.corpus_ids):
+        notes.append(f"sampled (seed {seed}): {len(queries)} of {len(data.queries)} queries, "
+                     f"{len(corpus_ids)} of {len(data.corpus_ids)} documents; scores are "
+                     "comparable only with runs on the same sample")
+    return RetrievalData(corpus_ids=list(corpus_ids), corpus_texts=list(corpus_texts),
+                         queries=queries, qrels=qrels, source=data.source, notes=notes)
+
+
 def document_text(title: Optional[str], text: Optional[str]) -> str:
     """A BEIR document as MTEB gives it to the model: "title text", stripped."""
     title = title or ""

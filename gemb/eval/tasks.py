@@ -6,9 +6,10 @@ A `Task` is gemb's one evaluator contract: `task.evaluate(encoder)` returns its 
 score through it.
 
 A task spec is either a registered name (case-insensitive; `gemb eval --list-tasks` prints
-them), optionally with options (DocstringCode?split=test&num_queries=200&seed=0; every
-registered task takes name= and prompt_task=), or TYPE:PATH with optional
-?key=value&key=value options:
+them), optionally with options (DocstringCode?split=test&num_queries=200&seed=0;
+CoSQA-CoCLR?num_queries=200&corpus_size=1000&seed=0 samples queries and a corpus of their
+positives plus random others; every registered task takes name= and prompt_task=), or
+TYPE:PATH with optional ?key=value&key=value options:
 
   retrieval:DIR        BEIR folder: corpus.jsonl[.gz], queries.jsonl[.gz], qrels/<split>.tsv
                        options: split=test, missing_docs=error|count, ignore_identical_ids=0|1,
@@ -394,8 +395,27 @@ def load_banking77() -> classification.ClassificationData:
                                              source=str(folder))
 
 
-def load_cosqa(split: str = "test") -> retrieval.RetrievalData:
-    return retrieval.load_beir(paths.shared_data_root() / "cosqa", split=split)
+def load_cosqa(split: str = "test", num_queries: Optional[int] = None,
+               corpus_size: Optional[int] = None, seed: int = 0) -> retrieval.RetrievalData:
+    """CoSQA (CoCLR split); num_queries / corpus_size take a seeded sample (retrieval.subsample)
+    for short CPU evaluations."""
+    data = retrieval.load_beir(paths.shared_data_root() / "cosqa", split=split)
+    if num_queries is None and corpus_size is None:
+        return data
+    return retrieval.subsample(data, num_queries, corpus_size, seed)
+
+
+def _cosqa_task(name: str, split: str, num_queries: Optional[int] = None,
+                corpus_size: Optional[int] = None, seed: int = 0) -> Task:
+    sample = ""
+    if num_queries or corpus_size:
+        sample = (f", sampled: {num_queries or 'all'} queries, corpus of "
+                  f"{corpus_size or 'all'} (seed {seed})")
+    corpus = f"a sampled corpus of {corpus_size}" if corpus_size else "6,267 functions"
+    return Task(name, "retrieval", lambda: load_cosqa(split, num_queries, corpus_size, seed),
+                f"../shared/data/cosqa ({split} qrels{sample})",
+                f"code search, {split} queries over {corpus} (not MTEB's CosQA corpus)",
+                prompt_task=encoders.PROMPT_TASKS["code_retrieval"])
 
 
 def load_docstring_code(split: str = "test", num_queries: Optional[int] = None,
@@ -439,6 +459,9 @@ def _docstring_code_task(name: str = "DocstringCode", split: str = "test",
 # Options a registered task takes besides name= and prompt_task=, with their types.
 REGISTERED_OPTIONS: dict[str, dict[str, type]] = {
     "DocstringCode": {"split": str, "num_queries": int, "seed": int},
+    # A seeded sample (queries, and a corpus of their positives plus random others) for CPU runs.
+    "CoSQA-CoCLR": {"num_queries": int, "corpus_size": int, "seed": int},
+    "CoSQA-CoCLR-dev": {"num_queries": int, "corpus_size": int, "seed": int},
 }
 
 
@@ -457,14 +480,8 @@ def _registry() -> dict[str, Callable[..., Task]]:
             "Banking77Classification", "classification", load_banking77, f"{shared}/banking77",
             "77 banking intents, MTEB classification protocol",
             reference_name="Banking77Classification"),
-        "CoSQA-CoCLR": lambda: Task(
-            "CoSQA-CoCLR", "retrieval", load_cosqa, f"{shared}/cosqa (test qrels)",
-            "code search, 500 test queries over 6,267 functions (not MTEB's CosQA corpus)",
-            prompt_task=encoders.PROMPT_TASKS["code_retrieval"]),
-        "CoSQA-CoCLR-dev": lambda: Task(
-            "CoSQA-CoCLR-dev", "retrieval", lambda: load_cosqa("dev"),
-            f"{shared}/cosqa (dev qrels)", "CoSQA dev queries, for evaluation during training",
-            prompt_task=encoders.PROMPT_TASKS["code_retrieval"]),
+        "CoSQA-CoCLR": lambda **options: _cosqa_task("CoSQA-CoCLR", "test", **options),
+        "CoSQA-CoCLR-dev": lambda **options: _cosqa_task("CoSQA-CoCLR-dev", "dev", **options),
     }
 
 

@@ -18,13 +18,14 @@ forward pass of prompt + continuation (right-padded rows, no sampling).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gemb.models import gemma3
 from gemb.models.config import TransformerConfig
@@ -88,19 +89,38 @@ class GemmaDecoder:
       length_multiple: prompt lengths are padded up to a multiple of this (fewer compiles).
       score_batch_size: rows per forward pass when scoring (the [rows, T, vocab] logits of a
         262k vocabulary are the memory to watch).
+      partitioner: a gemb Partitioner to run sharded, as training does: the parameters placed
+        by the training's logical-axis rules (fsdp / tensor), the rows of every batch split over
+        the data axes (padded to a multiple of them), the results replicated. Its mesh may span
+        one host's devices (`local_partitioner`: each process of a data job scores its own
+        share) or every process of a job (then every process must make the same calls).
     """
 
     def __init__(self, config: TransformerConfig, params: Any, tokenizer=None, *,
                  stop_ids: Sequence[int] = GEMMA_STOP_IDS, pad_id: int = 0,
-                 length_multiple: int = 16, score_batch_size: int = 8):
+                 length_multiple: int = 16, score_batch_size: int = 8, partitioner=None):
         self.config = config.replace(attention_mode="causal")
         self.model = gemma3.Transformer(self.config)
-        self.params = params
         self.tokenizer = tokenizer
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.pad_id = pad_id
         self.length_multiple = length_multiple
         self.score_batch_size = score_batch_size
+        self.partitioner = partitioner
+        replicated = None
+        if partitioner is not None:
+            boxed = jax.eval_shape(lambda: self.model.init(
+                jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+            params = _place(params, partitioner.param_shardings(boxed))
+            replicated = NamedSharding(partitioner.mesh, PartitionSpec())
+        else:
+            # On the device once: host (numpy) params would be copied in on every call.
+            params = jax.device_put(params)
+        self.params = params
+        self._generate_jit = jax.jit(self._generate, static_argnames=("max_new_tokens",),
+                                     out_shardings=replicated)
+        self._score_jit = jax.jit(self._sum_log_probs, out_shardings=replicated)
+        self._options_jit = jax.jit(self._option_log_probs, out_shardings=replicated)
 
     @classmethod
     def from_model_dir(cls, model_dir, **kwargs) -> "GemmaDecoder":
@@ -112,7 +132,11 @@ class GemmaDecoder:
         from flax import linen as nn
 
         config, _ = model_dir_lib.read_model_config(model_dir)
-        abstract = nn.unbox(encoder_lib.boxed_params(config))
+        boxed = encoder_lib.boxed_params(config)
+        partitioner = kwargs.get("partitioner")
+        # With a partitioner the parameters are restored straight into their shards.
+        abstract = (partitioner.abstract_params(boxed) if partitioner is not None
+                    else nn.unbox(boxed))
         params = model_dir_lib.load_params(model_dir, abstract)
         return cls(config.transformer, params["transformer"], Tokenizer.from_dir(model_dir),
                    **kwargs)
@@ -142,27 +166,53 @@ class GemmaDecoder:
                              f"{sampling.max_new_tokens} exceeds the model's max_length "
                              f"{self.config.max_length}; shorten the prompt or generate less.")
         rows = len(prompts)
-        tokens = np.full((rows, length), self.pad_id, np.int32)
-        segments = np.zeros((rows, length), np.int32)
-        positions = np.zeros((rows, length), np.int32)
-        for row, prompt in enumerate(prompts):
+        # Rows past the prompts (a data-parallel multiple) repeat the first prompt, and go.
+        padded = [*prompts, *[prompts[0]] * (self.rows_multiple(rows) - rows)]
+        tokens = np.full((len(padded), length), self.pad_id, np.int32)
+        segments = np.zeros((len(padded), length), np.int32)
+        positions = np.zeros((len(padded), length), np.int32)
+        for row, prompt in enumerate(padded):
             start = length - len(prompt)
             tokens[row, start:] = prompt
             segments[row, start:] = 1
             positions[row, start:] = np.arange(len(prompt))
-        new = np.asarray(self._generate(
-            self.params, tokens, segments, positions, jax.random.key(sampling.seed),
-            jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
-            max_new_tokens=sampling.max_new_tokens))
+        new = np.asarray(self._generate_jit(
+            self.params, *self.place_rows(tokens, segments, positions),
+            np.uint32(sampling.seed), np.float32(sampling.temperature),
+            np.float32(sampling.top_p), max_new_tokens=sampling.max_new_tokens))[:rows]
         out = []
         for row in new.tolist():
             stops = [i for i, token in enumerate(row) if token in self.stop_ids]
             out.append(row[:stops[0]] if stops else row)
         return out
 
-    @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens",))
-    def _generate(self, params, tokens, segments, positions, rng, temperature, top_p, *,
+    def rows_multiple(self, rows: int) -> int:
+        """`rows` rounded up to a multiple of the data-parallel devices."""
+        if self.partitioner is None:
+            return rows
+        return -(-rows // self.partitioner.data_parallel_size) * self.partitioner.data_parallel_size
+
+    def place_rows(self, *arrays: np.ndarray) -> tuple:
+        """Host [rows, ...] arrays split over the data axes (every process passes them whole)."""
+        if self.partitioner is None:
+            return arrays
+        return tuple(_place(a, self.partitioner.batch_sharding(a.ndim)) for a in arrays)
+
+    def _sharded(self):
+        """Inside a jitted body: activation constraints resolve on the partitioner."""
+        if self.partitioner is None:
+            return contextlib.nullcontext()
+        return self.partitioner.activation_context()
+
+    def _generate(self, params, tokens, segments, positions, seed, temperature, top_p, *,
                   max_new_tokens):
+        with self._sharded():
+            return self._generate_body(params, tokens, segments, positions,
+                                       jax.random.key(seed), temperature, top_p,
+                                       max_new_tokens)
+
+    def _generate_body(self, params, tokens, segments, positions, rng, temperature, top_p,
+                       max_new_tokens):
         rows, length = tokens.shape
         cache = gemma3.init_cache(self.config, rows, length + max_new_tokens)
         hidden, cache = self.model.apply({"params": params}, tokens, segments, positions,
@@ -213,6 +263,8 @@ class GemmaDecoder:
         for start in range(0, len(prompts), self.score_batch_size):
             chunk = range(start, min(start + self.score_batch_size, len(prompts)))
             rows = [list(prompts[i]) + list(continuations[i]) for i in chunk]
+            # Rows past the chunk (a data-parallel multiple) repeat its first row, and go.
+            rows += [rows[0]] * (self.rows_multiple(len(rows)) - len(rows))
             tokens, segments = self.right_padded(rows)
             # Only the columns that predict a continuation token go through the LM head: with
             # a 262k vocabulary the head costs more than the transformer on long prompts with
@@ -227,9 +279,54 @@ class GemmaDecoder:
                 columns[row, :count] = np.arange(first - 1, first - 1 + count)
                 targets[row, :count] = continuations[i]
                 valid[row, :count] = True
-            totals[start:start + len(rows)] = np.asarray(self._sum_log_probs(
-                self.params, tokens, segments, columns, targets, valid), np.float64)
+            sums = self._score_jit(self.params, *self.place_rows(tokens, segments, columns,
+                                                                  targets, valid))
+            totals[start:start + len(chunk)] = np.asarray(sums, np.float64)[:len(chunk)]
         return totals
+
+    def option_log_probs(self, prompts: Sequence[str], options: Sequence[str]) -> np.ndarray:
+        """float64 [N, K]: log p(option k | prompt n) for every prompt and option, equal to
+        log_likelihood of each (prompt, option) pair. When the options differ only in their
+        last token (Gemma's grades " 0" .. " 3" are "▁" + a digit), one forward pass of each
+        prompt + the shared tokens serves all K options (the judge's case: about K times fewer
+        tokens); otherwise it is log_likelihood over the N x K pairs."""
+        tokenizer = self._need_tokenizer()
+        option_ids = tokenizer.encode_batch(list(options), add_bos=False)
+        shared = option_ids[0][:-1] if option_ids[0] else None
+        if shared is None or any(ids[:-1] != shared or not ids for ids in option_ids):
+            pairs = self.log_likelihood([p for p in prompts for _ in options],
+                                        [o for _ in prompts for o in options])
+            return pairs.reshape(len(prompts), len(options))
+        prompt_ids = tokenizer.encode_batch(list(prompts))
+        if any(not ids for ids in prompt_ids):
+            raise ValueError("a prompt has no tokens; log-likelihoods need a prompt.")
+        last_ids = np.asarray([ids[-1] for ids in option_ids], np.int32)
+        width = len(shared) + 1  # columns: each shared token's, then the options' last one
+        out = np.zeros((len(prompts), len(options)), np.float64)
+        for start in range(0, len(prompts), self.score_batch_size):
+            chunk = prompt_ids[start:start + self.score_batch_size]
+            rows = [list(r) + list(shared) for r in chunk]
+            rows += [rows[0]] * (self.rows_multiple(len(rows)) - len(rows))
+            tokens, segments = self.right_padded(rows)
+            first = np.asarray([len(r) - len(shared) - 1 for r in rows], np.int32)
+            columns = first[:, None] + np.arange(width, dtype=np.int32)[None, :]
+            targets = np.asarray([list(shared) + [0]] * len(rows), np.int32)
+            values = self._options_jit(self.params, *self.place_rows(tokens, segments, columns,
+                                                                     targets), last_ids)
+            out[start:start + len(chunk)] = np.asarray(values, np.float64)[:len(chunk)]
+        return out
+
+    def _option_log_probs(self, params, tokens, segments, columns, targets, option_ids):
+        """[B, K]: the log-probs of the shared tokens (targets[:, :-1] at columns[:, :-1]),
+        summed, plus log p(option_ids[k]) at the last column."""
+        with self._sharded():
+            hidden = self.model.apply({"params": params}, tokens, segments)
+            picked = jnp.take_along_axis(hidden, columns[..., None], axis=1)  # [B, C, D]
+            logits = self.model.apply({"params": params}, picked,
+                                      method=lambda m, h: m.embedder.decode(h))
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, C, V]
+        shared = jnp.take_along_axis(log_probs[:, :-1], targets[:, :-1, None], axis=-1)
+        return jnp.sum(shared[..., 0], axis=-1)[:, None] + log_probs[:, -1][:, option_ids]
 
     def right_padded(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, segment ids) [len(rows), L] of token rows right-padded to L, the longest
@@ -246,14 +343,14 @@ class GemmaDecoder:
             segments[row, :len(seq)] = 1
         return tokens, segments
 
-    @functools.partial(jax.jit, static_argnums=(0,))
     def _sum_log_probs(self, params, tokens, segments, columns, targets, valid):
         """sum over valid c of log p(targets[c] | tokens up to columns[c]), per row."""
-        hidden = self.model.apply({"params": params}, tokens, segments)
-        picked = jnp.take_along_axis(hidden, columns[..., None], axis=1)  # [B, C, D]
-        logits = self.model.apply({"params": params}, picked,
-                                  method=lambda m, h: m.embedder.decode(h)).astype(jnp.float32)
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        with self._sharded():
+            hidden = self.model.apply({"params": params}, tokens, segments)
+            picked = jnp.take_along_axis(hidden, columns[..., None], axis=1)  # [B, C, D]
+            logits = self.model.apply({"params": params}, picked,
+                                      method=lambda m, h: m.embedder.decode(h))
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         chosen = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
         return jnp.sum(jnp.where(valid, chosen, 0.0), axis=-1)
 
@@ -263,11 +360,28 @@ class GemmaDecoder:
                              "GemmaDecoder.from_model_dir) for text, or call the *_ids methods.")
         return self.tokenizer
 
-    def __hash__(self):  # jit's static self: one compiled program per decoder object
-        return id(self)
 
-    def __eq__(self, other):
-        return self is other
+
+def _place(tree: Any, shardings: Any) -> Any:
+    """Host (or single-device) arrays onto their shardings; each device takes its slice of the
+    whole array every process holds (device_put of host data to a sharding that spans
+    processes is not allowed). Arrays already placed so are kept."""
+    def one(value, sharding):
+        if isinstance(value, jax.Array) and value.sharding == sharding:
+            return value
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def local_partitioner(parallelism: Sequence[int] = (-1, 1, 1)):
+    """A Partitioner over this process's own devices (data, fsdp, tensor; -1: the rest), for a
+    decoder each process of a data job runs on its own share."""
+    from gemb.partitioning import mesh
+    from gemb.partitioning.partitioner import Partitioner
+
+    return Partitioner(mesh.create_mesh(parallelism, devices=jax.local_devices()))
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:

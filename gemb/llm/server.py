@@ -75,8 +75,10 @@ class CompletionEngine:
         out = []
         for start in range(0, len(sequences), decoder.score_batch_size):
             chunk = [list(s) for s in sequences[start:start + decoder.score_batch_size]]
+            # A sharded decoder splits rows over its data axes: pad to a multiple (dropped).
+            rows = chunk + [chunk[0]] * (decoder.rows_multiple(len(chunk)) - len(chunk))
             try:
-                tokens, segments = decoder.right_padded(chunk)
+                tokens, segments = decoder.place_rows(*decoder.right_padded(rows))
             except ValueError as error:
                 raise BadRequest(str(error)) from None
             chosen, top_values, top_ids = (
@@ -349,13 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None,
                         help="the model name in /v1/models and responses (default: the "
                              "folder's name)")
+    parser.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                        help="how the decoder is sharded over this machine's devices (default: "
+                             "all of them on the data axis; e.g. 1,1,8 for a model that needs 8)")
     args = parser.parse_args(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     start = time.time()
-    from gemb.llm.decoder import GemmaDecoder
+    from gemb.llm.interface import make_llm
 
     try:
-        decoder = GemmaDecoder.from_model_dir(args.model_dir)
+        decoder = make_llm(args.model_dir, mesh=args.mesh)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError) as error:
         print(f"gemb llm serve: error: cannot load --model_dir {args.model_dir}: {error}",
               file=sys.stderr)

@@ -37,7 +37,8 @@ def test_a_positive_or_a_copy_of_it_is_never_chosen():
 @pytest.mark.parametrize("sharded", [False, True], ids=["one_device", "eight_devices"])
 def test_nearest_neighbours_are_exact(sharded):
     rng = np.random.default_rng(0)
-    queries, corpus = rng.normal(size=(37, 16)), rng.normal(size=(200, 16))
+    # 203 rows: not a multiple of the 8 devices (the padding rows must never be found).
+    queries, corpus = rng.normal(size=(37, 16)), rng.normal(size=(203, 16))
     partitioner = None
     if sharded:
         from gemb.partitioning import mesh, partitioner as partitioner_lib
@@ -64,6 +65,9 @@ class WordOverlapLLM:
             raise RuntimeError("simulated crash")
         return np.array([len(set(p.split()) & set(c.split())) - len(c.split())
                          for p, c in zip(prompts, continuations)], np.float64)
+
+    def generate(self, prompts, sampling=None):
+        raise AssertionError("mining only scores; it never generates")
 
 
 def _bag_of_words_embed(texts, role):
@@ -136,3 +140,57 @@ def test_stage_output_feeds_read_beir(tmp_path):
     assert len(records) == 8
     for record in records:
         assert record["negatives"] == [corpus[i] for i in chosen[record["query_id"]]]
+
+
+def _clustered(rng, size, dim=32, clusters=20):
+    centres = rng.normal(size=(clusters, dim))
+    points = centres[rng.integers(0, clusters, size)] + 0.3 * rng.normal(size=(size, dim))
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("index", ["faiss_hnsw", "faiss_ivf"])
+def test_faiss_indexes_find_the_exact_neighbours(index):
+    rng = np.random.default_rng(0)
+    corpus, queries = _clustered(rng, 3000), _clustered(rng, 100)
+    exact, _ = mining.nearest_neighbours(queries, corpus, 10)
+    approx, scores = mining.ann_neighbours(queries, corpus, 10, index)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert recall >= 0.9, recall
+    # Scores are the inner products of what was found, best first.
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, corpus[approx]),
+                               rtol=1e-4, atol=1e-5)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+def test_an_unfilled_ivf_slot_is_never_a_candidate(tmp_path):
+    rng = np.random.default_rng(0)
+    corpus = _clustered(rng, 200)
+    # 50 lists, one probed: a list holds ~4 points, fewer than k = 20.
+    index, scores = mining.ann_neighbours(corpus[:5], corpus, 20, "faiss_ivf", ivf_lists=50,
+                                          ivf_probes=1)
+    assert (index < 0).any() and np.all(np.isneginf(scores[index < 0]))
+
+    # Through the stage: the -1 slots are dropped, not read as the corpus' last passage.
+    corpus_texts, queries = _corpus_and_queries()
+    summary = mining.mine_hard_negatives(
+        queries, corpus_texts, _bag_of_words_embed, WordOverlapLLM(), tmp_path / "n.jsonl",
+        mining.MiningConfig(top_k=6, min_rank=1, index="faiss_hnsw"))
+    exact = mining.mine_hard_negatives(
+        queries, corpus_texts, _bag_of_words_embed, WordOverlapLLM(), tmp_path / "e.jsonl",
+        mining.MiningConfig(top_k=6, min_rank=1))
+    assert summary["negatives_chosen"] == exact["negatives_chosen"] == 8
+
+
+def test_restrict_corpus_keeps_positives_and_leaves_out_excluded_documents():
+    corpus = {f"d{i}": f"text {i}" for i in range(100)}
+    queries = [mining.MiningQuery("q1", "a", ("d1", "d2")), mining.MiningQuery("q2", "b", ("d3",))]
+    excluded = {f"d{i}" for i in range(50, 100)} | {"d2"}
+    reduced = mining.restrict_corpus(queries, corpus, excluded, size=20, seed=0)
+    assert len(reduced) == 20 and {"d1", "d2", "d3"} <= set(reduced)  # a positive stays
+    assert not (set(reduced) - {"d2"}) & excluded
+    assert reduced == mining.restrict_corpus(queries, corpus, excluded, size=20, seed=0)
+    assert set(mining.restrict_corpus(queries, corpus, excluded)) == set(corpus) - excluded | {"d2"}
+    with pytest.raises(ValueError, match="smaller than the 3 positives"):
+        mining.restrict_corpus(queries, corpus, size=2)
+    with pytest.raises(ValueError, match="unknown index"):
+        mining.MiningConfig(index="annoy")

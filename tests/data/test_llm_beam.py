@@ -5,6 +5,7 @@ exactly, and so do the summary's counts; one pipeline per stage (Beam starts slo
 
 import json
 
+import numpy as np
 import pytest
 
 from gemb.data import llm_beam, llm_filter, prepare, synthetic
@@ -58,7 +59,7 @@ def test_filter_pairs_pipeline_equals_the_in_process_stage(tmp_path):
                                          FILTER_CONFIG, num_shards=NUM_SHARDS)
     _same_outputs(tmp_path / "reference", tmp_path / "beam", ("kept", "dropped"), summary,
                   beam_summary, ("read", "scored", "kept", "dropped", "drop_rate",
-                                 "dropped_by_reason", "bad_records", "config"))
+                                 "dropped_by_reason", "bad_records", "bad_replies", "config"))
     assert beam_summary["kept"] == 5 and beam_summary["bad_records"]["duplicate_id"] == 1
 
 
@@ -73,7 +74,8 @@ def test_synthesize_queries_pipeline_equals_the_in_process_stage(tmp_path):
     _same_outputs(tmp_path / "reference", tmp_path / "beam", ("kept", "dropped"), summary,
                   beam_summary, ("read", "generated", "kept", "dropped", "drop_rate",
                                  "dropped_by_reason", "bad_passages", "bad_replies"))
-    assert beam_summary["kept"] == 4 and beam_summary["bad_replies"] == {"unparseable_reply": 2}
+    assert beam_summary["kept"] == 4 and beam_summary["bad_replies"] == {
+        "unparseable_reply": 2, "grade_outside_scale": 0}
 
 
 def test_synthesize_classification_pipeline_equals_the_in_process_stage(tmp_path):
@@ -137,3 +139,88 @@ def test_cli_with_a_model_folder_loads_it_once_per_worker(tmp_path_factory, tmp_
                                                     abs=1e-4)
         assert {k: v for k, v in record.items() if k != "relevance"} == {
             k: v for k, v in reference[identifier].items() if k != "relevance"}
+
+
+def test_mine_negatives_pipeline_equals_the_in_process_stage(tmp_path):
+    from gemb.data import hard_negatives as mining
+    from gemb.data import sources
+    from test_hard_negatives import WordOverlapLLM, _bag_of_words_embed, _corpus_and_queries
+
+    corpus, queries = _corpus_and_queries()
+    config = mining.MiningConfig(top_k=6, min_rank=2, num_negatives=2, max_passage_chars=15)
+    reference = tmp_path / "reference" / "negatives.jsonl"
+    summary = mining.mine_hard_negatives(queries, corpus, _bag_of_words_embed, WordOverlapLLM(),
+                                         reference, config)
+    beam_summary = llm_beam.mine_negatives(queries, corpus, _bag_of_words_embed,
+                                           WordOverlapLLM(), str(tmp_path / "beam"), config,
+                                           num_shards=NUM_SHARDS)
+    records = []
+    for index in range(NUM_SHARDS):
+        shard = _lines(tmp_path / "beam" / llm_beam.shard_name("negatives", index, NUM_SHARDS))
+        assert all(llm_beam.shard_of(r["query_id"], NUM_SHARDS) == index for r in shard)
+        records += shard
+    assert sorted(records, key=lambda r: r["query_id"]) == sorted(
+        _lines(reference), key=lambda r: r["query_id"])
+    for key in ("queries", "queries_mined", "neighbours_scored", "negatives_chosen",
+                "empty_passages_skipped", "passages_cut_for_the_llm",
+                "queries_without_a_negative", "config"):
+        assert beam_summary[key] == summary[key], key
+    assert summary["passages_cut_for_the_llm"] > 0 and beam_summary["runner"] == "beam"
+
+    # The shards' glob is a hard_negatives_path.
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": i, "text": t}) + "\n" for i, t in corpus.items()))
+    (folder / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": q.query_id, "text": q.text}) + "\n" for q in queries))
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q.query_id}\t{q.positive_ids[0]}\t1\n" for q in queries))
+    via_shards = [r.value["negatives"] for r in sources.read_beir(
+        str(folder), "train", hard_negatives_path=str(tmp_path / "beam" / "negatives-*.jsonl"))]
+    via_file = [r.value["negatives"] for r in sources.read_beir(
+        str(folder), "train", hard_negatives_path=str(reference))]
+    assert via_shards == via_file and all(len(n) == 2 for n in via_file)
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        list(sources.read_beir(str(folder), "train", hard_negatives_path=str(tmp_path / "no*")))
+
+
+def test_mine_negatives_commands_with_a_model_folder(tmp_path_factory, tmp_path, capsys):
+    """`gemb data mine-negatives` and `gemb data beam mine-negatives` with a TINY folder as
+    embedder and LLM, a FAISS index, a reduced corpus and the test split's documents left out:
+    the same negatives, never a test document."""
+    from tiny_checkpoints import write_tiny_llm_folder
+
+    model_folder = write_tiny_llm_folder(tmp_path_factory, ["Rating", "Passage", "Query"])
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    words = [f"w{i}" for i in range(40, 80)]
+    rng = np.random.default_rng(0)
+    docs = {f"d{i}": " ".join(rng.choice(words, 8)) for i in range(60)}
+    (folder / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": i, "text": t}) + "\n" for i, t in docs.items()))
+    (folder / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": docs[f"d{i}"][:20]}) + "\n" for i in range(12)))
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\td{i}\t1\n" for i in range(8)))
+    test_docs = {f"d{i}" for i in range(8, 12)} | {f"d{i}" for i in range(50, 60)}
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{8 + i % 4}\t{d}\t1\n" for i, d in enumerate(sorted(test_docs))))
+    common = ["--beir", str(folder), "--split", "train", "--embedder", str(model_folder),
+              "--llm", str(model_folder), "--exclude_split", "test", "--corpus_size", "30",
+              "--index", "faiss_hnsw", "--top_k", "4", "--min_rank", "1", "--max_length", "16"]
+    out = tmp_path / "mined" / "negatives.jsonl"
+    assert prepare.main(["mine-negatives", *common, "--out", str(out)]) == 0
+    assert prepare.main(["beam", "mine-negatives", *common, "--out", str(tmp_path / "beam"),
+                         "--num_shards", "2"]) == 0
+    summary = json.loads((out.parent / "summary.json").read_text())
+    assert summary["queries_mined"] == 8 and summary["neighbours_scored"] == 8 * 4
+    reference = {r["query_id"]: r for r in _lines(out)}
+    mined = {r["query_id"]: r for i in range(2)
+             for r in _lines(tmp_path / "beam" / llm_beam.shard_name("negatives", i, 2))}
+    assert sorted(mined) == sorted(reference)
+    for query_id, record in reference.items():
+        assert not {c["id"] for c in record["candidates"]} & test_docs
+        assert mined[query_id]["negative_ids"] == record["negative_ids"]
+        assert [c["id"] for c in mined[query_id]["candidates"]] == [
+            c["id"] for c in record["candidates"]]

@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from gemb.data import llm_filter, prepare, resumable, synthetic
+from gemb.data import hard_negatives, llm_filter, prepare, resumable, synthetic
 
 # Expected grade sum_g g * p(g) with p(g) proportional to exp(-|g - t|) (RuleLLM's grades),
 # by hand: t=0: (e^-1 + 2e^-2 + 3e^-3) / (1 + e^-1 + e^-2 + e^-3); t=3 mirrors t=0 (3 - E);
@@ -261,7 +261,7 @@ def test_synthetic_queries_rated_and_dropped_with_scores(tmp_path, caplog):
     assert summary["drop_rate"] == pytest.approx(3 / 7, abs=1e-6)
     assert summary["dropped_by_reason"] == {"below_threshold": 1, "unparseable_reply": 2}
     assert summary["bad_passages"] == {"empty_text": 1, "missing_field": 1}
-    assert summary["bad_replies"] == {"unparseable_reply": 2}
+    assert summary["bad_replies"] == {"unparseable_reply": 2, "grade_outside_scale": 0}
     messages = [r.getMessage() for r in caplog.records if r.name == synthetic.log.name]
     assert len([m for m in messages if "(unparseable_reply)" in m]) == 1
     assert len([m for m in messages if "(missing_field)" in m]) == 1
@@ -366,3 +366,71 @@ def test_synthesize_queries_cli_with_the_real_decoder(model_folder, tmp_path, ca
     # alike (all alike would give exactly 1.5).
     grades = [r["realism"] for r in records if r.get("realism") is not None]
     assert all(abs(g - 1.5) > 1e-4 for g in grades)
+
+
+# ------------------------------------------------------------------ grades outside the scale
+
+
+class FaultyGradesLLM(RuleLLM):
+    """RuleLLM whose grade log-probabilities are broken where the prompt holds a marker: NaN
+    ("NANGRADE"), positive ("POSGRADE", not a log-probability) or all -inf ("NOGRADE")."""
+
+    def log_likelihood(self, prompts, continuations):
+        out = super().log_likelihood(prompts, continuations)
+        for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+            if re.fullmatch(r" [0-3]", continuation):
+                if "NANGRADE" in prompt:
+                    out[i] = np.nan
+                elif "POSGRADE" in prompt:
+                    out[i] = 2.0
+                elif "NOGRADE" in prompt:
+                    out[i] = -np.inf
+        return out
+
+
+def test_a_grade_outside_the_scale_is_dropped_counted_and_logged_once(tmp_path, caplog):
+    grades = hard_negatives.expected_grade(FaultyGradesLLM(), [
+        "Query: a b\nPassage: a b\nRating:", "Query: a NANGRADE\nPassage: a\nRating:",
+        "Query: a POSGRADE\nPassage: a\nRating:", "Query: a NOGRADE\nPassage: a\nRating:"])
+    assert grades[0] == pytest.approx(EXPECTED_GRADE[2], abs=1e-6)
+    assert np.isnan(grades[1:]).all()
+
+    pairs = [{"id": "ok", "query": "boil eggs water", "positive": "boil the eggs in water"},
+             {"id": "nan", "query": "eggs NANGRADE", "positive": "eggs"},
+             {"id": "pos", "query": "eggs POSGRADE", "positive": "eggs"},
+             {"id": "none", "query": "eggs NOGRADE", "positive": "eggs"}]
+    source = _write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    with caplog.at_level(logging.WARNING):
+        summary = llm_filter.filter_pairs(str(source), FaultyGradesLLM(), str(tmp_path / "f"),
+                                          FILTER_CONFIG)
+    assert summary["kept"] == 1 and summary["bad_replies"]["grade_outside_scale"] == 3
+    assert summary["dropped_by_reason"] == {"grade_outside_scale": 3}
+    dropped = [json.loads(l) for l in (tmp_path / "f" / "dropped.jsonl").open()]
+    assert [(r["id"], r["relevance"]) for r in dropped] == [("nan", None), ("pos", None),
+                                                            ("none", None)]
+    assert sum("grade_outside_scale" in r.message for r in caplog.records) == 1
+
+    passages = [{"id": "p1", "text": "boil the eggs in water => boil eggs water SEED"},
+                {"id": "p2", "text": "eggs => eggs NANGRADE SEED"}]
+    source = _write_jsonl(tmp_path / "passages.jsonl", passages)
+    summary = synthetic.synthesize_queries(str(source), FaultyGradesLLM(), str(tmp_path / "s"),
+                                           SYNTH_CONFIG)
+    assert summary["kept"] == 1 and summary["dropped_by_reason"] == {"grade_outside_scale": 1}
+    assert summary["bad_replies"] == {"unparseable_reply": 0, "grade_outside_scale": 1}
+
+
+def test_mining_never_chooses_a_candidate_without_a_usable_grade():
+    item = hard_negatives.MiningItem(
+        hard_negatives.MiningQuery("q", "eggs water", ("pos",)),
+        candidates=(("c1", 0.9), ("c2", 0.8), ("c3", 0.7), ("bad", 0.6)),
+        texts={"pos": "eggs water", "c1": "eggs water boil", "c2": "eggs", "c3": "water",
+               "bad": "NANGRADE"})
+    cuts = resumable.KindCounter()
+    record = hard_negatives.mine_one(
+        item, FaultyGradesLLM(), hard_negatives.MiningConfig(top_k=4, min_rank=0,
+                                                             num_negatives=3), cuts)
+    assert "bad" not in record["negative_ids"] and len(record["negative_ids"]) == 3
+    bad = record["candidates"][3]
+    assert bad["id"] == "bad" and bad["relevance"] is None and bad["fused_rank"] is None
+    assert cuts["grade_outside_scale"] == 1
+    json.dumps(record, allow_nan=False)  # the line stays strict JSON

@@ -123,3 +123,37 @@ def test_an_empty_result_and_a_bad_folder_are_named(corpus, sentencepiece_vocab,
     (tmp_path / "bad" / "info.json").write_text('{"format": "something else"}')
     with pytest.raises(prepared.PreparedDataError, match="prepare the task again"):
         prepared.read_info(tmp_path / "bad")
+
+
+def test_source_options_bring_mined_negatives_into_a_beir_task(tmp_path):
+    """`--source_option` passes a reader's options: a BEIR folder's dev qrels with the
+    negatives `gemb data mine-negatives` wrote, as the CoSQA fine-tune uses them."""
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": f"d{i}", "text": f"passage {i}"}) + "\n" for i in range(4)))
+    (folder / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": f"query {i}"}) + "\n" for i in range(2)))
+    (folder / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t1\n")
+    mined = tmp_path / "negatives.jsonl"
+    mined.write_text(json.dumps({"query_id": "q0", "negative_ids": ["d3"]}) + "\n")
+    args = prepare._parser().parse_args([
+        "--name", "mined", "--format", "beir", "--split", f"train={folder}",
+        "--source_option", "split_name=dev", "--source_option", f"hard_negatives_path={mined}",
+        "--source_option", "max_negatives=1", "--negatives_field", "negatives",
+        "--num_negatives", "1", "--tokenizer", "unused", "--output", "unused", "--num_shards", "1"])
+    spec = prepare.spec_from_args(args)
+    assert dict(spec.source.options)["max_negatives"] == 1  # JSON values keep their type
+    records = [r.value for unit in spec.source.units("train") for r in unit()]
+    assert [(r["query"], r["negatives"]) for r in records] == [
+        ("query 0", ["passage 3"]), ("query 1", [])]
+    # A query without a mined negative is rejected by the triplet builder, and counted.
+    from gemb.data.quality import RejectRecord
+
+    assert spec.builder(records[0], QualityPolicy()).negatives == ("passage 3",)
+    with pytest.raises(RejectRecord, match="0 negatives < min_negatives=1"):
+        spec.builder(records[1], QualityPolicy())
+    with pytest.raises(SystemExit, match="not KEY=VALUE"):
+        prepare.spec_from_args(prepare._parser().parse_args([
+            "--name", "x", "--format", "beir", "--split", f"train={folder}", "--source_option",
+            "oops", "--tokenizer", "t", "--output", "o", "--num_shards", "1"]))

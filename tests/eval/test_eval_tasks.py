@@ -133,3 +133,33 @@ def test_registered_tasks_load_the_shared_data(shared_data):
 def test_registered_sts_task_with_a_fake_encoder(shared_data, hashing_encoder):
     result = tasks.parse_task("STSBenchmark").evaluate(hashing_encoder)
     assert 0.2 < result["main_score"] < 0.9 and result["num_pairs"] == 1379
+
+
+def test_retrieval_subsample_keeps_every_kept_querys_documents():
+    from gemb.eval import retrieval
+
+    data = retrieval.RetrievalData(
+        corpus_ids=[f"d{i}" for i in range(100)], corpus_texts=[f"t{i}" for i in range(100)],
+        queries={f"q{i}": f"query {i}" for i in range(30)},
+        qrels={f"q{i}": {f"d{i}": 1, f"d{i + 30}": 0} for i in range(30)}, source="toy")
+    sample = retrieval.subsample(data, num_queries=10, corpus_size=25, seed=3)
+    assert len(sample.queries) == 10 and len(sample.corpus_ids) == 25
+    relevant = {d for q in sample.queries for d, s in data.qrels[q].items() if s > 0}
+    assert relevant <= set(sample.corpus_ids)
+    assert [sample.corpus_texts[i] for i in range(25)] == [
+        "t" + d[1:] for d in sample.corpus_ids]  # ids and texts stay paired, in corpus order
+    assert sample.corpus_ids == retrieval.subsample(data, 10, 25, seed=3).corpus_ids
+    assert sample.corpus_ids != retrieval.subsample(data, 10, 25, seed=4).corpus_ids
+    assert "comparable only with runs on the same sample" in sample.notes[-1]
+    with pytest.raises(ValueError, match="smaller than the 10 documents relevant"):
+        retrieval.subsample(data, num_queries=10, corpus_size=5)
+
+
+@pytest.mark.needs_shared
+def test_cosqa_takes_a_seeded_sample(shared_data):
+    task = tasks.parse_task("CoSQA-CoCLR?num_queries=50&corpus_size=300&seed=1&name=cosqa_s")
+    data = task.load()
+    assert task.name == "cosqa_s" and (len(data.queries), len(data.corpus_ids)) == (50, 300)
+    assert set(data.qrels) == set(data.queries)
+    with pytest.raises(ValueError, match="unknown option 'corpus'"):
+        tasks.parse_task("CoSQA-CoCLR?corpus=3")

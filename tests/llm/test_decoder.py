@@ -134,3 +134,63 @@ def test_greedy_generation_and_log_likelihoods_equal_transformers(
         want = sum(log_probs[t - 1, (prompt + continuation)[t]]
                    for t in range(len(prompt), len(prompt) + len(continuation)))
         np.testing.assert_allclose(total, want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("parallelism", [(8, 1, 1), (2, 2, 2)], ids=["data8", "data2_fsdp2_tensor2"])
+def test_sharded_decoding_and_scoring_equal_one_device(tiny_decoder, parallelism):
+    """Over a mesh as training shards (parameters by the logical-axis rules, rows over the data
+    axes; 4 prompts padded to the data-parallel multiple): the same tokens and log-likelihoods."""
+    from gemb.partitioning import mesh
+    from gemb.partitioning.partitioner import Partitioner
+
+    partitioner = Partitioner(mesh.create_mesh(parallelism))
+    sharded = GemmaDecoder(CAUSAL_TINY, tiny_decoder.params, stop_ids=(), length_multiple=8,
+                           partitioner=partitioner)
+    leaves = jax.tree.leaves(sharded.params)
+    assert all(len(leaf.sharding.device_set) == 8 for leaf in leaves)
+    # fsdp / tensor > 1: the parameters are split, not copied.
+    assert any(not leaf.sharding.is_fully_replicated for leaf in leaves) == (parallelism[1] > 1)
+    prompts = _prompts()
+    for sampling in (SamplingConfig(max_new_tokens=12),
+                     SamplingConfig(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)):
+        assert sharded.generate_ids(prompts, sampling) == tiny_decoder.generate_ids(prompts,
+                                                                                    sampling)
+    continuations = [[5, 6, 7], [9], [3, 4], [11, 12, 13, 14]]
+    np.testing.assert_allclose(sharded.log_likelihood_ids(prompts, continuations),
+                               tiny_decoder.log_likelihood_ids(prompts, continuations),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_make_llm_shards_a_model_folder_over_the_local_devices(tmp_path_factory):
+    from tiny_checkpoints import write_tiny_llm_folder
+
+    from gemb.llm.interface import make_llm, parse_mesh
+
+    folder = write_tiny_llm_folder(tmp_path_factory)
+    default = make_llm(folder)  # 8 local devices here: all of them on the data axis
+    assert dict(default.partitioner.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    split = make_llm(folder, mesh="2,2,2")  # restored straight into its shards
+    assert dict(split.partitioner.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(split.params))
+    with pytest.raises(ValueError, match="not DATA,FSDP,TENSOR"):
+        parse_mesh("2,2")
+    with pytest.raises(ValueError, match="not to the server"):
+        make_llm("http://127.0.0.1:9", mesh="1,1,1")
+
+
+def test_option_log_probs_equal_log_likelihood_of_each_pair(tmp_path_factory):
+    """The judge's shortcut: one pass per prompt for options that differ only in their last
+    token equals scoring each (prompt, option) pair; other options fall back to the pairs."""
+    from tiny_checkpoints import write_tiny_llm_folder
+
+    folder = write_tiny_llm_folder(tmp_path_factory, ["0", "1", "2", "3", "Rating"])
+    decoder = GemmaDecoder.from_model_dir(folder, length_multiple=8, score_batch_size=3)
+    prompts = ["w100 w101 Rating", "w7 Rating", "w9 w10 w11 w12 w13 w14 w15 Rating",
+               "Rating", "w20 w21"]
+    # One token each; a shared first token then one each (Gemma's grades); no shortcut.
+    for options in ([" 0", " 1", " 2", " 3"], [" 0 1", " 0 3", " 0 2"], [" 0 1", " 3"]):
+        pairs = decoder.log_likelihood([p for p in prompts for _ in options],
+                                       [o for _ in prompts for o in options])
+        np.testing.assert_allclose(decoder.option_log_probs(prompts, options),
+                                   pairs.reshape(len(prompts), len(options)),
+                                   rtol=1e-5, atol=1e-5)

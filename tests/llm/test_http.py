@@ -152,25 +152,30 @@ def test_a_bad_request_fails_at_once_with_the_servers_message(server):
     assert info.value.status == 400 and "HTTP 400" in str(info.value)
 
 
+def kill_after_answers(llm, server, count):
+    """Kills `server` right after `llm` received its count-th answer: from inside the client's
+    own request path, so the requests after it meet a dead server."""
+    answered, attempt = [], llm._attempt
+
+    def attempt_then_maybe_kill(*args):
+        result = attempt(*args)
+        answered.append(1)
+        if len(answered) == count:
+            server.process.kill()
+            server.process.wait()
+        return result
+
+    llm._attempt = attempt_then_maybe_kill
+
+
 def test_a_server_killed_mid_run_raises_a_clear_error(model_folder, tmp_path):
     running = start_server(model_folder, tmp_path / "server.log")
     try:
         llm = OpenAIServerLLM(running.url, max_concurrency=2, timeout_s=5, max_retries=2,
                               backoff_s=0.05)
         # The server dies after the third answer, while the other requests are in flight or
-        # waiting: the process is killed from inside the client's own request path.
-        answered = []
-        attempt = llm._attempt
-
-        def attempt_then_maybe_kill(*args):
-            result = attempt(*args)
-            answered.append(1)
-            if len(answered) == 3:
-                running.process.kill()
-                running.process.wait()
-            return result
-
-        llm._attempt = attempt_then_maybe_kill
+        # waiting.
+        kill_after_answers(llm, running, 3)
         start = time.monotonic()
         with pytest.raises(LLMServerUnavailable) as info:
             llm.log_likelihood(["what is"] * 40, [" the capital"] * 40)
@@ -186,6 +191,54 @@ def test_a_server_killed_mid_run_raises_a_clear_error(model_folder, tmp_path):
         assert time.monotonic() - start < 5
     finally:
         running.stop()
+
+
+def test_a_stage_whose_server_died_resumes_on_a_live_one_without_repeating(
+        tmp_path_factory, tmp_path):
+    """filter-pairs through a real server killed mid-run: a clear error, the finished pairs
+    kept; the rerun (on a new server) scores only the rest and ends with the files of an
+    uninterrupted run."""
+    import tokenizers
+
+    from gemb.data import hard_negatives, llm_filter
+
+    # The judge's prompt words in the vocabulary, so the server's offsets find the grade.
+    prompt_words = [piece for piece, _ in tokenizers.pre_tokenizers.Whitespace().pre_tokenize_str(
+        hard_negatives.RELEVANCE_PROMPT + " 0 1 2 3")]
+    model_folder = write_tiny_llm_folder(tmp_path_factory, prompt_words)
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(
+        {"id": f"p{i}", "query": " ".join(WORDS[i:i + 2]), "positive": " ".join(WORDS[i:i + 6])})
+        + "\n" for i in range(10)))
+    config = llm_filter.FilterConfig(batch_size=2)
+
+    dying = start_server(model_folder, tmp_path / "dying.log")
+    try:
+        llm_filter.filter_pairs(str(source), OpenAIServerLLM(dying.url, max_concurrency=1,
+                                                                prompts_per_request=8),
+                                str(tmp_path / "reference"), config)
+        # One request per batch of 2 pairs x 4 grades, as the reference run sent them.
+        llm = OpenAIServerLLM(dying.url, max_concurrency=1, timeout_s=5, max_retries=1,
+                              backoff_s=0.05, prompts_per_request=8)
+        kill_after_answers(llm, dying, 4)  # GET /v1/models, then three batches of two pairs
+        with pytest.raises(LLMServerUnavailable, match="gemb llm serve --model_dir"):
+            llm_filter.filter_pairs(str(source), llm, str(tmp_path / "run"), config)
+    finally:
+        dying.stop()
+    finished = sum(len((tmp_path / "run" / name).read_text().splitlines())
+                   for name in ("kept.jsonl", "dropped.jsonl"))
+    assert finished == 6
+
+    live = start_server(model_folder, tmp_path / "live.log")
+    try:
+        summary = llm_filter.filter_pairs(str(source), OpenAIServerLLM(live.url, max_concurrency=1,
+                                                                    prompts_per_request=8),
+                                          str(tmp_path / "run"), config)
+    finally:
+        live.stop()
+    assert summary["already_done"] == 6 and summary["scored"] == 4
+    for name in ("kept.jsonl", "dropped.jsonl"):
+        assert (tmp_path / "run" / name).read_text() == (tmp_path / "reference" / name).read_text()
 
 
 def test_serve_on_a_missing_folder_exits_with_a_clear_message(tmp_path):

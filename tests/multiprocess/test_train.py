@@ -10,7 +10,7 @@ import pytest
 
 import mp_harness as harness
 
-NUM_STEPS = 20
+NUM_STEPS = 12  # a multiple of the save interval (3), so the last save is the newest
 VARIANTS = {
     "padded": (),
     "packed": ("--gin.FeatureConverterConfig.pack=True",),
@@ -103,6 +103,7 @@ def test_damaged_newest_checkpoint_is_quarantined_once_for_all_processes(train_r
     results = harness.gemb(command(run_dir, "packed"), 2)
     for result in results:  # both processes saw the damage and moved on together
         assert f"checkpoint step {NUM_STEPS} in" in result.output, result.output
-        assert "Resumed" in result.output and "from step 18." in result.output
+        assert "Resumed" in result.output and f"from step {NUM_STEPS - 3}." in result.output
     assert len(list((run_dir / "checkpoints" / "corrupt").iterdir())) == 1  # moved once
-    assert harness.logged_losses(run_dir) == harness.logged_losses(reference)  # 19, 20 again
+    # The last 3 steps again, equal.
+    assert harness.logged_losses(run_dir) == harness.logged_losses(reference)
