@@ -19,6 +19,8 @@ COMMANDS = {
     "export": ("gemb.export.sentence_transformers",
                "model folder -> sentence-transformers / transformers folder"),
     "soup": ("gemb.soup", "average the params of several checkpoints into a model folder"),
+    "sweep": ("gemb.sweep", "a grid / random draws of gin bindings as runs: run them here, "
+              "emit launch commands, collect their metrics into one table"),
     "llm": ("gemb.llm.server", "`llm serve`: an OpenAI-compatible completions server over a model folder"),
 }
 # `convert`, `data` and `llm` are one host's jobs (`data prepare` scales out through Beam's runner);

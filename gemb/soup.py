@@ -11,19 +11,30 @@ with @STEP to pick a checkpoint (default: the newest). The average is taken in f
 the stored dtype, one ingredient at a time (memory: two copies of the params), on the sharded
 placement of the partitioner, so a soup of a model that only fits a pod is made on that pod.
 The result is a model folder: gemb embed, gemb eval and init_from read it.
+
+Greedy soup (Wortsman et al. 2022, "Model soups"): with --greedy and --eval TASKS, every
+ingredient is scored alone on the validation tasks (the mean of their main scores), sorted best
+first, and added to the soup only if the soup's score does not drop; the rest are left out.
+
+  gemb soup --greedy --eval 'CoSQA-CoCLR-dev?num_queries=100' --model runs/a --model runs/b \
+            --model runs/c --out models/greedy_soup
+
+Each candidate soup is written (to --work_dir, default OUT.candidates) and evaluated as a model
+folder; greedy_soup.json in the soup's folder records every score and decision.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +177,72 @@ def make_soup(ingredients: Sequence[Ingredient], out_dir: str | os.PathLike,
     return out_dir
 
 
+def greedy_soup(ingredients: Sequence[Ingredient], out_dir: str | os.PathLike,
+                score: Callable[[Path | epath.Path], float],
+                work_dir: Optional[str | os.PathLike] = None,
+                partitioner: Optional[partitioner_lib.Partitioner] = None,
+                tokenizer_from: Optional[str | os.PathLike] = None) -> dict:
+    """The greedy soup of `ingredients` (module docstring) at out_dir; returns its report.
+
+    score(model folder) -> the validation score, higher is better. Ingredients are scored alone
+    (each as a one-ingredient soup), sorted best first (ties keep their order), and each is
+    kept only if the uniform soup with it scores at least as well as the soup without it."""
+    if not ingredients:
+        raise ValueError("a soup needs at least one ingredient (--model).")
+    out_dir = paths.as_path(out_dir)
+    if (out_dir / model_dir_lib.PARAMS_DIRNAME).exists():
+        raise FileExistsError(f"{out_dir} already holds a model; choose a new --out folder.")
+    work = paths.as_path(work_dir) if work_dir else out_dir.parent / f"{out_dir.name}.candidates"
+    check_same_architecture([(i.label, i.config()) for i in ingredients])
+    made = [0]
+
+    def soup_score(members: Sequence[Ingredient]) -> float:
+        made[0] += 1
+        folder = work / f"candidate_{made[0]:03d}"
+        if (folder / model_dir_lib.PARAMS_DIRNAME).exists():  # a rerun's leftover
+            epath.Path(str(folder)).rmtree()
+        make_soup([dataclasses.replace(m, weight=1.0) for m in members], folder, partitioner,
+                  tokenizer_from)
+        value = float(score(folder))
+        log.info("greedy soup: %s -> %.4f", " + ".join(m.label for m in members), value)
+        return value
+
+    alone = [soup_score([ingredient]) for ingredient in ingredients]
+    order = sorted(range(len(ingredients)), key=lambda i: -alone[i])
+    chosen, best = [ingredients[order[0]]], alone[order[0]]
+    decisions = [{"ingredient": ingredients[order[0]].label, "score_alone": alone[order[0]],
+                  "soup_score": best, "kept": True}]
+    for index in order[1:]:
+        candidate = soup_score([*chosen, ingredients[index]])
+        kept = candidate >= best
+        if kept:
+            chosen, best = [*chosen, ingredients[index]], candidate
+        decisions.append({"ingredient": ingredients[index].label,
+                          "score_alone": alone[index], "soup_score": candidate, "kept": kept})
+    make_soup([dataclasses.replace(m, weight=1.0) for m in chosen], out_dir, partitioner,
+              tokenizer_from)
+    report = {"method": "greedy soup (Wortsman et al. 2022)", "score": best,
+              "ingredients": [m.label for m in chosen], "decisions": decisions}
+    if distributed.is_chief():
+        (out_dir / "greedy_soup.json").write_text(json.dumps(report, indent=2) + "\n")
+    distributed.sync_processes(f"greedy soup {out_dir}: report written")
+    return report
+
+
+def eval_score(task_specs: str, max_length: Optional[int] = None) -> Callable[[Any], float]:
+    """score(model folder) for greedy_soup: the mean main score of gemb eval task specs."""
+    from gemb.embed import load_encoder
+    from gemb.eval import tasks as tasks_lib
+
+    tasks = tasks_lib.parse_task_list(task_specs)
+
+    def score(folder) -> float:
+        encoder = load_encoder(folder, max_length=max_length)
+        return float(np.mean([task.evaluate(encoder)["main_score"] for task in tasks]))
+
+    return score
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemb soup", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -178,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer-from", default=None,
                         help="folder to take tokenizer.model from (default: the first "
                              "ingredient that has one)")
+    parser.add_argument("--greedy", action="store_true",
+                        help="greedy soup: keep an ingredient only if the --eval score of the "
+                             "soup does not drop")
+    parser.add_argument("--eval", default=None, metavar="TASKS",
+                        help="validation tasks of --greedy (gemb eval specs, comma-separated; "
+                             "the mean main score); never the test tasks you report")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per text in --eval (default: gemb embed's)")
+    parser.add_argument("--work_dir", default=None,
+                        help="where --greedy writes its candidate soups (default: OUT.candidates)")
     return parser
 
 
@@ -196,8 +283,23 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"gemb soup: error: {len(weights)} weights for {len(args.model)} --model "
                   "ingredients; give one weight per ingredient.", file=sys.stderr)
             return 2
+    if args.greedy != bool(args.eval):
+        print("gemb soup: error: --greedy needs --eval TASKS (the validation tasks), and --eval "
+              "is only for --greedy.", file=sys.stderr)
+        return 2
+    if args.greedy and args.weights is not None:
+        print("gemb soup: error: a greedy soup is uniform over the ingredients it keeps; drop "
+              "--weights.", file=sys.stderr)
+        return 2
     ingredients = [Ingredient.parse(spec, weight) for spec, weight in zip(args.model, weights)]
     try:
+        if args.greedy:
+            report = greedy_soup(ingredients, args.out, eval_score(args.eval, args.max_length),
+                                 args.work_dir, tokenizer_from=args.tokenizer_from)
+            print(f"Wrote the greedy soup of {len(report['ingredients'])} of "
+                  f"{len(ingredients)} checkpoints to {args.out} (score {report['score']:.4f}; "
+                  f"left out: {[d['ingredient'] for d in report['decisions'] if not d['kept']]})")
+            return 0
         out = make_soup(ingredients, args.out, tokenizer_from=args.tokenizer_from)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"gemb soup: error: {error}", file=sys.stderr)

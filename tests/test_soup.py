@@ -122,3 +122,67 @@ def test_cli(two_folders, tmp_path, capsys):
                       "--out", str(tmp_path / "s")]) == 0
     assert "Wrote the soup of 2 checkpoints" in capsys.readouterr().out
     assert (tmp_path / "s" / model_dir.CONFIG_FILENAME).is_file()
+
+
+def _perturbed_folder(base, out, noise, seed):
+    """A copy of the model folder `base` with every parameter moved by `noise` x N(0, 1)."""
+    config, _ = model_dir.read_model_config(base)
+    params = model_dir.load_params(base)
+    rng = np.random.default_rng(seed)
+    moved = jax.tree.map(lambda p: np.asarray(p) + noise * rng.standard_normal(p.shape).astype(
+        np.asarray(p).dtype), params)
+    model_dir.save_model_dir(out, config, moved, {"source": "test"})
+    model_dir.copy_tokenizer(base, out)
+    return out
+
+
+def test_greedy_soup_leaves_out_a_bad_ingredient_and_the_uniform_soup_does_not(
+        two_folders, tmp_path):
+    """Two fine-tunes of one model (its params plus small noise) and one unrelated model
+    (random params). Validation score: closeness to the model they were tuned from (averaging the
+    fine-tunes' noise brings the soup closer; the bad ingredient pulls it away)."""
+    base = two_folders[0]
+    target = _flat(model_dir.load_params(base))
+    good = [soup.Ingredient(_perturbed_folder(base, tmp_path / f"good{i}", 0.05, seed=i))
+            for i in range(2)]
+    # Unrelated: noise far larger than the weights themselves.
+    bad = soup.Ingredient(_perturbed_folder(base, tmp_path / "bad", 1.0, seed=9))
+
+    def score(folder):
+        got = _flat(model_dir.load_params(folder))
+        return -float(np.mean([np.mean((got[k] - target[k]) ** 2) for k in target]))
+
+    ingredients = [good[0], bad, good[1]]
+    report = soup.greedy_soup(ingredients, tmp_path / "greedy", score)
+    assert set(report["ingredients"]) <= {g.label for g in good}
+    assert len(report["ingredients"]) == 2  # averaging the fine-tunes helped: both kept
+    [left_out] = [d for d in report["decisions"] if not d["kept"]]
+    assert left_out["ingredient"] == bad.label and left_out["score_alone"] < min(
+        d["score_alone"] for d in report["decisions"] if d["kept"])
+    uniform = soup.make_soup(ingredients, tmp_path / "uniform")
+    assert score(tmp_path / "greedy") == pytest.approx(report["score"])
+    assert score(uniform) < report["score"]  # the uniform soup keeps the bad one, and pays
+    assert json.loads((tmp_path / "greedy" / "greedy_soup.json").read_text()) == report
+
+
+def test_greedy_soup_cli_scores_with_eval_tasks(two_folders, tmp_path, capsys):
+    """`gemb soup --greedy --eval TASK` on a small retrieval task (the plumbing: candidates
+    written and scored through gemb's evaluator)."""
+    folder = tmp_path / "task"
+    (folder / "qrels").mkdir(parents=True)
+    words = ["the", "a", "man", "woman", "dog", "cat", "plays", "runs", "reads", "code"]
+    (folder / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": f"d{i}", "text": " ".join(words[i:] + words[:i])}) + "\n"
+        for i in range(10)))
+    (folder / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": " ".join(words[i:i + 3])}) + "\n" for i in range(10)))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\td{i}\t1\n" for i in range(10)))
+    args = ["--greedy", "--eval", f"retrieval:{folder}", "--model", str(two_folders[0]),
+            "--model", str(two_folders[1]), "--out", str(tmp_path / "soup")]
+    assert soup.main(args) == 0
+    report = json.loads((tmp_path / "soup" / "greedy_soup.json").read_text())
+    assert len(report["decisions"]) == 2 and 0 <= report["score"] <= 1
+    assert "Wrote the greedy soup of" in capsys.readouterr().out
+    assert soup.main(["--greedy", "--model", str(two_folders[0]), "--out",
+                      str(tmp_path / "x")]) == 2

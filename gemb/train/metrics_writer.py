@@ -58,6 +58,12 @@ class TensorBoardWriter:
         summary = summary_pb2.Summary(value=[value])
         self._add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
+    def summary(self, step: int, summary) -> None:
+        """A whole Summary proto (e.g. tensorboard's HParams plugin summaries)."""
+        from tensorboard.compat.proto import event_pb2
+
+        self._add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         from tensorboard.compat.proto import summary_pb2
 

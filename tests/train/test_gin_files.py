@@ -99,7 +99,7 @@ def test_missing_macro_names_it():
 
 
 def test_run_files_start_with_the_command_and_macros():
-    for path in sorted((GIN / "runs").glob("*.gin")):
+    for path in sorted((GIN / "runs").rglob("*.gin")):
         head = path.read_text().split("\n\n")[0]
         assert head.startswith("#") and "gemb train" in head, path
         assert "macros" in head.lower(), path
@@ -110,3 +110,27 @@ def test_cli_flags_are_t5x_style():
                                    "--gin.MODEL_DIR='x'", "--gin.train.num_steps=3"])
     assert args.gin_file == ["a.gin", "b.gin"]
     assert args.bindings == ["MODEL_DIR='x'", "train.num_steps=3"]
+
+
+def test_the_recipe_at_cpu_scale_builds(tmp_path, fake_model_folder):
+    """gin/runs/recipe: pre-finetuning on prepared pairs with a gradient-cached batch and no
+    hard negatives; fine-tuning on the shared tasks plus the mined CoSQA task with K = 1."""
+    common = [f"MODEL_FOLDER = '{fake_model_folder}'"]
+    pre = dry_run([GIN / "runs" / "recipe" / "pretrain.gin"],
+                  [*common, f"MODEL_DIR = '{tmp_path / 'pre'}'",
+                   f"PRETRAIN_DATA = '{tmp_path / 'pairs'}'"])
+    assert pre["data"].prepared == {"gemb_system_pretrain": str(tmp_path / "pairs")}
+    assert pre["data"].features.num_negatives == 0 and pre["data"].batch_size == 64
+    assert pre["trainer"].step_config.gradient_cache_chunk == 16
+    assert pre["num_trainable"] < pre["num_params"] / 3  # embedding + 12 layers frozen
+    gin.clear_config()
+    fine = dry_run([GIN / "runs" / "recipe" / "finetune.gin"],
+                   [*common, f"MODEL_DIR = '{tmp_path / 'ft'}'",
+                    f"INIT_FROM = '{fake_model_folder}'",
+                    f"COSQA_MINED = '{tmp_path / 'cosqa'}'"])
+    data = fine["data"]
+    assert data.prepared == {"gemb_cosqa_mined": str(tmp_path / "cosqa")}
+    assert data.features.num_negatives == 1
+    assert set(data.rates) == {"gemb_docstring_code", "gemb_snli_triplets",
+                               "gemb_banking77_train", "gemb_cosqa_mined"}
+    assert not any("stsb" in name for name in data.rates)  # STS stays zero-shot
