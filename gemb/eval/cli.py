@@ -1,7 +1,7 @@
 """`gemb eval`: score models on tasks the way MTEB scores them.
 
   gemb eval --model DIR|st:PATH [--model ...] --tasks NAME,TYPE:PATH,... [--dim 768]
-            [--output DIR] [--batch-size 32] [--cache-dir DIR] [--device cpu]
+            [--output DIR] [--batch-size 32] [--max-length 1024] [--cache-dir DIR] [--device cpu]
 
 Prints `TASK<TAB>MAIN_SCORE` (x100, two decimals) per task at the end; with several --model it
 prefixes each line with the model, and the markdown table has a column per model. Exit status:
@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="gemb models: 'none' scores the mean-pooled hidden states before the "
                              "projection head (a raw, untrained LLM)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="gemb models: texts are cut to this many tokens (default "
+                             "min(1024, the model's positions)); st: models keep their own "
+                             "max_seq_length (256 for MiniLM)")
     parser.add_argument("--device", default="cpu", help="torch device for st: models")
     parser.add_argument("--cache-dir", default=None,
                         help="keep retrieval corpus embeddings here and reuse them")
@@ -83,6 +87,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"gemb eval: error: --batch-size must be positive, got {args.batch_size}",
               file=sys.stderr)
         return 2
+    if args.max_length is not None and args.max_length < 1:
+        print(f"gemb eval: error: --max-length must be positive, got {args.max_length}",
+              file=sys.stderr)
+        return 2
     try:
         task_list = tasks_lib.parse_task_list(args.tasks)
     except ValueError as error:
@@ -96,15 +104,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = False
     for spec in args.model:
         # The label names what was scored, so results files and tables say it too.
+        gemb_model = not spec.startswith("st:")
         label = spec + (f" (dim {args.dim})" if args.dim is not None else "") + (
-            " (head none)" if args.head == "none" and not spec.startswith("st:") else "")
+            " (head none)" if args.head == "none" and gemb_model else "") + (
+            f" (max {args.max_length} tokens)" if args.max_length and gemb_model else "")
         if base_output is None:
             output = Path("runs") / "eval" / _model_label(spec)
         else:
             output = base_output / _model_label(spec) if several else base_output
         try:
             encoder = encoders.load_encoder(spec, dim=args.dim, device=args.device,
-                                              head=args.head != "none")
+                                              head=args.head != "none",
+                                              max_length=args.max_length)
         except (FileNotFoundError, RuntimeError, ValueError, OSError) as error:
             print(f"gemb eval: error: cannot load {spec}: {error}", file=sys.stderr)
             notes.append(f"{label} was not run: {error}")

@@ -319,11 +319,12 @@ def _model_path(spec: str):
 
 
 def load_encoder(spec: str, dim: Optional[int] = None, device: str = "cpu",
-                 head: bool = True) -> Encoder:
+                 head: bool = True, max_length: Optional[int] = None) -> Encoder:
     """The encoder named on the command line: `st:PATH` or a gemb model folder.
 
     head=False scores a gemb model's mean-pooled hidden states (before the projection head),
-    e.g. a raw LLM whose head is untrained.
+    e.g. a raw LLM whose head is untrained. max_length cuts a gemb model's texts to that many
+    tokens (st: models keep their own max_seq_length).
     """
     if spec.startswith("st:"):
         path = resolve_sentence_transformers_path(spec[len("st:"):])
@@ -340,6 +341,6 @@ def load_encoder(spec: str, dim: Optional[int] = None, device: str = "cpu",
             f"--model {spec}: not a gemb model folder (it has no {GEMB_MODEL_CONFIG}).{hint}")
     from gemb import embed as gemb_embed  # imports jax: only when a gemb model is asked for
 
-    encoder = gemb_embed.load_encoder(str(path), dim=dim, head=head)
+    encoder = gemb_embed.load_encoder(str(path), dim=dim, head=head, max_length=max_length)
     as_encode_fn(encoder)  # fail here, not mid-task, if it is not an encoder
     return encoder

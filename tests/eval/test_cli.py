@@ -126,7 +126,8 @@ def test_a_gemb_model_folder_is_scored_through_gemb_embed(tmp_path, capsys):
     sts_file.write_text("\n".join(rows) + "\n")
     scores = {}
     for extra, suffix in (([], ""), (["--head", "none"], " (head none)"),
-                          (["--dim", "48"], " (dim 48)")):
+                          (["--dim", "48"], " (dim 48)"),
+                          (["--max-length", "2"], " (max 2 tokens)")):
         assert cli.main(["--model", str(model_dir), "--tasks", f"sts:{sts_file}",
                          "--output", str(tmp_path / "out"), "--no-progress", *extra]) == 0
         line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("sts")][0]
@@ -137,6 +138,9 @@ def test_a_gemb_model_folder_is_scored_through_gemb_embed(tmp_path, capsys):
         assert record["model"] == str(model_dir) + suffix
         scores[suffix] = score
     assert scores[""] != scores[" (head none)"]  # the head really was left out
+    # --max-length reaches the encoder: BOS and one word of each two-word sentence remain.
+    assert encoders.load_encoder(str(model_dir), max_length=2).max_length == 2
+    assert scores[" (max 2 tokens)"] != scores[""]
 
 
 def test_st_spec_errors():
