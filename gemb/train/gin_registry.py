@@ -11,6 +11,8 @@ import no gin; their knobs are fields of these objects.
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 from typing import Mapping, Optional, Sequence
 
 import gin
@@ -60,17 +62,42 @@ def partitioner(ici_parallelism: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
 
 
 def converted_model(name: str = "gemma3-270m", folder: Optional[str] = None) -> str:
-    """The model folder of an embedded model, converted into the cache on first use."""
+    """The model folder of an embedded model, converted into the cache on first use.
+
+    Several processes may ask at once (a sweep's parallel runs, the processes of a job on a
+    shared home directory): each converts into a folder of its own and renames it into place,
+    and a process that finds the place taken uses the finished folder there.
+    """
     from gemb.checkpoints import convert, model_dir
 
     out = paths.as_path(folder) if folder else paths.cache_dir() / "models" / name
-    if (out / model_dir.CONFIG_FILENAME).is_file() and (out / model_dir.PARAMS_DIRNAME).is_dir():
+
+    def complete() -> bool:
+        return ((out / model_dir.CONFIG_FILENAME).is_file()
+                and (out / model_dir.PARAMS_DIRNAME).is_dir())
+
+    if complete():
         return str(out)
-    if out.exists():
-        log.warning("%s is incomplete; converting again", out)
-        paths.rmtree(out)
+    if paths.is_remote(out):  # no atomic rename on object stores: convert in place
+        if out.exists():
+            log.warning("%s is incomplete; converting again", out)
+            paths.rmtree(out)
+        print(f"Converting {name} into {out} (once) ...", flush=True)
+        convert.convert(name, out)
+        return str(out)
+    staging = out.parent / f".{out.name}.converting-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     print(f"Converting {name} into {out} (once) ...", flush=True)
-    convert.convert(name, out)
+    convert.convert(name, staging)
+    if out.exists() and not complete():  # left by a crash of an older gemb: not in use
+        log.warning("%s is incomplete; replacing it", out)
+        paths.rmtree(out)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        if not complete():
+            raise
+        log.info("%s was converted by another process meanwhile; using it", out)
+        paths.rmtree(staging)
     return str(out)
 
 
