@@ -51,10 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--list-tasks", action="store_true",
                         help="print the registered task names and exit")
-    parser.add_argument("--table", nargs="+", metavar="RESULTS_DIR", default=None,
+    parser.add_argument("--table", nargs="+", metavar="[LABEL=]RESULTS_DIR", default=None,
                         help="print one table of results folders written by earlier runs (one "
-                             "column per folder, e.g. models scored on different machines) and "
-                             "exit; with --output the table is also written there")
+                             "column per folder, e.g. models scored on different machines, "
+                             "named LABEL or by the model the folder records) and exit; with "
+                             "--output the table is also written there")
+    parser.add_argument("--models-as-rows", action="store_true",
+                        help="tables: a row per model and a column per task (default: a row "
+                             "per task)")
     return parser
 
 
@@ -75,7 +79,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{name}\t{task.task_type}\t{task.description}")
         return 0
     if args.table:
-        return _print_table(args.table, args.output)
+        return _print_table(args.table, args.output, args.models_as_rows)
     if not args.model or not args.tasks:
         parser.print_usage(sys.stderr)
         print("gemb eval: error: --model and --tasks are required", file=sys.stderr)
@@ -138,7 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         failed |= any(r.error for r in results)
         runner.write_table(output, runner.markdown_table({label: results}))
 
-    table = runner.markdown_table(results_by_model, notes)
+    table = runner.markdown_table(results_by_model, notes, models_as_rows=args.models_as_rows)
     if several:
         runner.write_table(base_output or Path("runs") / "eval", table)
         print(table)
@@ -147,18 +151,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 1 if failed else 0
 
 
-def _print_table(folders: list[str], output: Optional[str]) -> int:
+def _print_table(entries: list[str], output: Optional[str], models_as_rows: bool = False) -> int:
     results_by_model: dict[str, list[runner.TaskResult]] = {}
-    for folder in folders:
+    for entry in entries:
+        # LABEL=DIR names the column (or row); a bare DIR is named by the model it records.
+        label, separator, folder = entry.partition("=")
+        if not separator or paths.as_path(entry).exists():
+            label, folder = "", entry
         try:
             model, results = runner.read_results(folder)
         except (FileNotFoundError, ValueError) as error:
             print(f"gemb eval: error: {error}", file=sys.stderr)
             return 2
+        model = label or model
         if model in results_by_model:
             model = f"{model} ({folder})"
         results_by_model[model] = results
-    table = runner.markdown_table(results_by_model)
+    table = runner.markdown_table(results_by_model, models_as_rows=models_as_rows)
     print(table, end="")
     if output:
         runner.write_table(output, table)

@@ -136,8 +136,8 @@ def format_score(score: Optional[float]) -> str:
 
 
 def markdown_table(results_by_model: Mapping[str, Sequence[TaskResult]],
-                   notes: Sequence[str] = ()) -> str:
-    """Tasks as rows, models as columns, main scores x100."""
+                   notes: Sequence[str] = (), models_as_rows: bool = False) -> str:
+    """Main scores x100: tasks as rows and models as columns, or models_as_rows."""
     models = list(results_by_model)
     task_names: list[str] = []
     for results in results_by_model.values():
@@ -145,12 +145,20 @@ def markdown_table(results_by_model: Mapping[str, Sequence[TaskResult]],
             if result.task not in task_names:
                 task_names.append(result.task)
     lookup = {(model, r.task): r for model, results in results_by_model.items() for r in results}
-    lines = ["| task | " + " | ".join(models) + " |",
-             "|---|" + "---:|" * len(models)]
-    for name in task_names:
-        cells = [format_score(lookup[(m, name)].main_score) if (m, name) in lookup else "n/a"
-                 for m in models]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    def cell(model: str, task: str) -> str:
+        return format_score(lookup[(model, task)].main_score) if (model, task) in lookup else "n/a"
+
+    if models_as_rows:
+        lines = ["| model | " + " | ".join(task_names) + " |",
+                 "|---|" + "---:|" * len(task_names)]
+        lines += [f"| {m} | " + " | ".join(cell(m, t) for t in task_names) + " |"
+                  for m in models]
+    else:
+        lines = ["| task | " + " | ".join(models) + " |",
+                 "|---|" + "---:|" * len(models)]
+        lines += [f"| {t} | " + " | ".join(cell(m, t) for m in models) + " |"
+                  for t in task_names]
     footnotes = list(notes) + [f"{model}: {r.task} failed: {r.error}"
                                for model, results in results_by_model.items()
                                for r in results if r.error]

@@ -16,10 +16,10 @@ def fake_models(monkeypatch, hashing_encoder):
     """`--model fake:*` loads the hashing encoder; anything else goes to the real loader."""
     real = encoders.load_encoder
 
-    def load(spec, dim=None, device="cpu", head=True):
+    def load(spec, dim=None, device="cpu", head=True, max_length=None):
         if spec.startswith("fake:"):
             return hashing_encoder
-        return real(spec, dim=dim, device=device, head=head)
+        return real(spec, dim=dim, device=device, head=head, max_length=max_length)
 
     monkeypatch.setattr(encoders, "load_encoder", load)
     return hashing_encoder
@@ -61,6 +61,12 @@ def test_table_of_results_folders_from_separate_runs(tmp_path, sts_file, fake_mo
     assert printed.splitlines()[2] == (f"| Toy | {100 * scores['a']:.2f} | "
                                        f"{100 * scores['b']:.2f} |")
     assert (tmp_path / "joint" / runner.RESULTS_TABLE).read_text() == printed
+    # Named, a row per model (docs/results.md's layout).
+    assert cli.main(["--table", f"model A={tmp_path / 'a'}", str(tmp_path / "b"),
+                     "--models-as-rows"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "| model | Toy |", "|---|---:|", f"| model A | {100 * scores['a']:.2f} |",
+        f"| fake:b | {100 * scores['b']:.2f} |"]
     assert cli.main(["--table", str(tmp_path / "missing")]) == 2
     assert "not a results folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
