@@ -163,3 +163,19 @@ def test_cosqa_takes_a_seeded_sample(shared_data):
     assert set(data.qrels) == set(data.queries)
     with pytest.raises(ValueError, match="unknown option 'corpus'"):
         tasks.parse_task("CoSQA-CoCLR?corpus=3")
+
+
+@pytest.mark.needs_shared
+def test_stsb_multi_mt_takes_some_languages(shared_data, hashing_encoder):
+    task = tasks.parse_task("STSBenchmarkMultilingualSTS?languages=de+zh")
+    assert sorted(task.load()) == ["de", "zh"]
+    assert task.reference_name is None and "not MTEB's" in task.description
+    full = tasks.parse_task("STSBenchmarkMultilingualSTS")
+    assert full.reference_name == "STSBenchmarkMultilingualSTS"
+    # The mean over the named languages is the mean of their scores alone.
+    per_language = {lang: tasks.parse_task(f"STSBenchmarkMultilingualSTS?languages={lang}")
+                    .evaluate(hashing_encoder)["main_score"] for lang in ("de", "zh")}
+    both = task.evaluate(hashing_encoder)["main_score"]
+    assert both == pytest.approx((per_language["de"] + per_language["zh"]) / 2)
+    with pytest.raises(ValueError, match="unknown \\['xx'\\]; choose from de\\+en"):
+        tasks.parse_task("STSBenchmarkMultilingualSTS?languages=de+xx")
