@@ -155,7 +155,7 @@ def _print_table(entries: list[str], output: Optional[str], models_as_rows: bool
     results_by_model: dict[str, list[runner.TaskResult]] = {}
     for entry in entries:
         # LABEL=DIR names the column (or row); a bare DIR is named by the model it records.
-        label, separator, folder = entry.partition("=")
+        label, separator, folder = entry.rpartition("=")  # a label may hold "="
         if not separator or paths.as_path(entry).exists():
             label, folder = "", entry
         try:

@@ -62,10 +62,10 @@ def test_table_of_results_folders_from_separate_runs(tmp_path, sts_file, fake_mo
                                        f"{100 * scores['b']:.2f} |")
     assert (tmp_path / "joint" / runner.RESULTS_TABLE).read_text() == printed
     # Named, a row per model (docs/results.md's layout).
-    assert cli.main(["--table", f"model A={tmp_path / 'a'}", str(tmp_path / "b"),
+    assert cli.main(["--table", f"model A (= a)={tmp_path / 'a'}", str(tmp_path / "b"),
                      "--models-as-rows"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "| model | Toy |", "|---|---:|", f"| model A | {100 * scores['a']:.2f} |",
+        "| model | Toy |", "|---|---:|", f"| model A (= a) | {100 * scores['a']:.2f} |",
         f"| fake:b | {100 * scores['b']:.2f} |"]
     assert cli.main(["--table", str(tmp_path / "missing")]) == 2
     assert "not a results folder" in capsys.readouterr().err
