@@ -87,7 +87,12 @@ def converted_model(name: str = "gemma3-270m", folder: Optional[str] = None) -> 
         return str(out)
     staging = out.parent / f".{out.name}.converting-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     print(f"Converting {name} into {out} (once) ...", flush=True)
-    convert.convert(name, staging)
+    try:
+        convert.convert(name, staging)
+    except BaseException:  # a failed or interrupted conversion leaves no half folder behind
+        if staging.exists():
+            paths.rmtree(staging)
+        raise
     if out.exists() and not complete():  # left by a crash of an older gemb: not in use
         log.warning("%s is incomplete; replacing it", out)
         paths.rmtree(out)

@@ -67,3 +67,17 @@ def test_an_incomplete_folder_from_a_crash_is_replaced(tmp_path, tiny_source):
     (out / model_dir.PARAMS_DIRNAME).mkdir(parents=True)  # no config: a crashed conversion
     assert gin_registry.converted_model(tiny_source, folder=str(out)) == str(out)
     assert _is_model_folder(out)
+
+
+def test_a_failed_conversion_leaves_no_staging_folder(tmp_path, tiny_source, monkeypatch):
+    out = tmp_path / "cache" / "tiny"
+    real_convert = convert.convert
+
+    def convert_then_fail(name, folder, **kwargs):
+        real_convert(name, folder, **kwargs)  # a half-written folder, as a crash midway leaves
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(convert, "convert", convert_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        gin_registry.converted_model(tiny_source, folder=str(out))
+    assert list(out.parent.iterdir()) == []  # neither the model nor a staging folder
