@@ -260,6 +260,23 @@ def sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def chief_integers(values) -> tuple[int, ...]:
+    """Process 0's `values` (int32s) on every process (a collective with several processes): a
+    name or seed that one process draws and every process must use."""
+    values = tuple(int(v) for v in values)
+    if "jax" not in sys.modules:
+        return values
+    import jax
+
+    if jax.process_count() == 1:
+        return values
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    chief = multihost_utils.broadcast_one_to_all(np.asarray(values, np.int32))
+    return tuple(int(v) for v in np.asarray(chief))
+
+
 def all_processes_agree(value: bool) -> bool:
     """True when `value` is True on every process (a collective with several processes)."""
     return worst_across_processes(0 if value else 1) == 0

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 from flax import linen as nn
 
+from gemb import distributed
 from gemb.checkpoints import import_gguf, import_hf, layout, model_dir
 from gemb.models import encoder as encoder_lib
 from gemb.models.config import EncoderConfig
@@ -64,12 +65,15 @@ def convert(source: str, out_dir: str | Path, head_dims=(3072,), matryoshka_dims
     out_dir = model_dir.save_model_dir(out_dir, config, params, {
         "source": str(path), "source_format": kind, "head_init_seed": seed,
     })
-    if kind == "gguf":
-        from gemb.checkpoints import gguf_tokenizer
+    if distributed.is_chief():  # the params were written by every process; the rest by one
+        if kind == "gguf":
+            from gemb.checkpoints import gguf_tokenizer
 
-        (out_dir / "tokenizer.model").write_bytes(gguf_tokenizer.sentencepiece_model_from_gguf(path))
-    for file in tokenizer_files:
-        (out_dir / file.name).write_bytes(file.read_bytes())
+            (out_dir / "tokenizer.model").write_bytes(
+                gguf_tokenizer.sentencepiece_model_from_gguf(path))
+        for file in tokenizer_files:
+            (out_dir / file.name).write_bytes(file.read_bytes())
+    distributed.sync_processes(f"gemb convert tokenizer {out_dir}")
     log.info("Converted %s -> %s in %.1f s", source, out_dir, time.time() - start)
     return out_dir
 

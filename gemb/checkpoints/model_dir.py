@@ -48,6 +48,17 @@ def encoder_config_from_dict(data: dict[str, Any]) -> EncoderConfig:
 CHUNK_BYTES = 16 * 2**20
 
 
+def _savable(value):
+    """What orbax can save: global jax.Arrays as they are, anything else as numpy. In a
+    multi-process job an array on this process's devices alone (a head initialised by each
+    process, a converted upstream weight) is the same on every process; orbax refuses such
+    host-local arrays, and as numpy it is written once, by process 0."""
+    if isinstance(value, jax.Array) and not (value.is_fully_addressable
+                                             and jax.process_count() > 1):
+        return value
+    return np.asarray(value)
+
+
 def save_model_dir(out_dir: str | os.PathLike, config: EncoderConfig, params: Any,
                    metadata: dict[str, Any]) -> Path | epath.Path:
     """Writes a model folder. `params` are numpy arrays or jax.Arrays; sharded jax.Arrays are
@@ -58,8 +69,7 @@ def save_model_dir(out_dir: str | os.PathLike, config: EncoderConfig, params: An
     if params_dir.exists():
         raise FileExistsError(f"{params_dir} already exists; choose a new --out folder or delete it.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = jax.tree_util.tree_map(
-        lambda x: x if isinstance(x, jax.Array) else np.asarray(x), params)
+    params = jax.tree_util.tree_map(_savable, params)
     # Stored in chunks of at most CHUNK_BYTES: a process that loads only its shards of a big
     # matrix (init_from on a sharded mesh) then reads those chunks, not the whole array.
     save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from typing import Mapping, Optional, Sequence
 
@@ -28,6 +29,11 @@ from gemb.models import config as model_config
 from gemb.train import checkpointing, data, optimizers, run, trainer
 
 log = logging.getLogger(__name__)
+
+# orbax saves from several threads of one process interfere (the CI run of 5616adf: two of three
+# threads failed with 'File exists' on their own staging folders or hung 300 s in orbax's futures),
+# so a process converts one model at a time; other processes are handled by the staging rename.
+_CONVERSION_LOCK = threading.Lock()
 
 
 def encoder_config(preset: str = gin.REQUIRED, head_dims: Sequence[int] = (3072,),
@@ -64,46 +70,81 @@ def partitioner(ici_parallelism: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
 def converted_model(name: str = "gemma3-270m", folder: Optional[str] = None) -> str:
     """The model folder of an embedded model, converted into the cache on first use.
 
-    Several processes may ask at once (a sweep's parallel runs, the processes of a job on a
-    shared home directory): each converts into a folder of its own and renames it into place,
-    and a process that finds the place taken uses the finished folder there.
+    Several jobs may ask at once (a sweep's parallel runs, the quickstart beside another gemb
+    command): each converts into a staging folder of its own and renames it into place, and a
+    job that finds the place taken uses the finished folder there. The processes of one job
+    convert together into one staging folder (every process writes its part, as any multi-host
+    save) and process 0 renames it, so the folder must be on storage they all see (a gs:// path
+    or a shared mount; GEMB_CACHE). Threads of one process convert one at a time.
     """
-    from gemb.checkpoints import convert, model_dir
+    from gemb import distributed
 
     out = paths.as_path(folder) if folder else paths.cache_dir() / "models" / name
-
-    def complete() -> bool:
-        return ((out / model_dir.CONFIG_FILENAME).is_file()
-                and (out / model_dir.PARAMS_DIRNAME).is_dir())
-
-    if complete():
+    # A collective: the processes of a job convert together or not at all.
+    if distributed.all_processes_agree(_is_model_folder(out)):
         return str(out)
+    with _CONVERSION_LOCK:
+        if not distributed.all_processes_agree(_is_model_folder(out)):
+            _convert_into_place(name, out)
+    return str(out)
+
+
+def _is_model_folder(out) -> bool:
+    from gemb.checkpoints import model_dir
+
+    return ((out / model_dir.CONFIG_FILENAME).is_file()
+            and (out / model_dir.PARAMS_DIRNAME).is_dir())
+
+
+def _convert_into_place(name: str, out) -> None:
+    from gemb import distributed
+    from gemb.checkpoints import convert
+
     if paths.is_remote(out):  # no atomic rename on object stores: convert in place
-        if out.exists():
+        if distributed.is_chief() and out.exists():
             log.warning("%s is incomplete; converting again", out)
             paths.rmtree(out)
-        print(f"Converting {name} into {out} (once) ...", flush=True)
-        convert.convert(name, out)
-        return str(out)
-    staging = out.parent / f".{out.name}.converting-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        distributed.sync_processes(f"gemb converted_model cleared {out}")
+        target = out
+    else:
+        # One name for the whole job, drawn by process 0: its pid and a random number.
+        chief_pid, token = distributed.chief_integers(
+            (os.getpid(), uuid.uuid4().int % 2**31))
+        target = out.parent / f".{out.name}.converting-{chief_pid}-{token:08x}"
     print(f"Converting {name} into {out} (once) ...", flush=True)
     try:
-        convert.convert(name, staging)
+        convert.convert(name, target)
     except BaseException:  # a failed or interrupted conversion leaves no half folder behind
-        if staging.exists():
-            paths.rmtree(staging)
+        if distributed.is_chief() and target.exists():
+            paths.rmtree(target)
         raise
-    if out.exists() and not complete():  # left by a crash of an older gemb: not in use
+    rename_error = None
+    if target != out and distributed.is_chief():
+        try:
+            _rename_into_place(target, out)
+        except OSError as error:  # raised after the other processes were let go
+            rename_error = error
+    distributed.sync_processes(f"gemb converted_model done {out}")
+    if rename_error is not None:
+        raise rename_error
+    if not _is_model_folder(out):
+        raise FileNotFoundError(
+            f"{out}: process 0 converted {name} there, but this process does not see the "
+            f"finished folder. The processes of a job must share the folder: set GEMB_CACHE (or "
+            f"converted_model.folder) to a gs:// path or a mount every host sees.")
+
+
+def _rename_into_place(staging, out) -> None:
+    if out.exists() and not _is_model_folder(out):  # a crash of an older gemb: not in use
         log.warning("%s is incomplete; replacing it", out)
         paths.rmtree(out)
     try:
         os.rename(staging, out)
     except OSError:
-        if not complete():
+        if not _is_model_folder(out):
             raise
-        log.info("%s was converted by another process meanwhile; using it", out)
+        log.info("%s was converted by another job meanwhile; using it", out)
         paths.rmtree(staging)
-    return str(out)
 
 
 _REGISTERED = False
