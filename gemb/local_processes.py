@@ -10,6 +10,10 @@ entry point users run (`python -m gemb.cli COMMAND ...`), so a job that works he
 multi-host code paths: per-process data shards, global arrays that no process holds whole,
 process-0-only writes, barriers. This is what the multi-process tests use.
 
+The processes share a process group of their own (GEMB_OWN_PROCESS_GROUP=1 tells them so): the
+trainer's fault drill (GEMB_KILL_AFTER_STEP) kills the whole job at once through it, as a
+preemption does, instead of each process dying alone while the others still talk to it.
+
 When one process fails the others would wait for it in a collective forever, so they are
 stopped after `grace_seconds`. Output: each process's lines, prefixed with [pN], as they come
 (or kept per process for the caller).
@@ -31,6 +35,11 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from gemb import paths
+
+
+# Set in every process of a job run() starts: the job's processes, and nothing else, are one
+# process group (gemb.train.run's fault drill kills that group).
+OWN_PROCESS_GROUP_ENV = "GEMB_OWN_PROCESS_GROUP"
 
 
 @dataclasses.dataclass
@@ -61,6 +70,7 @@ def process_env(process_id: int, num_processes: int, port: int, devices_per_proc
         "PYTHONPATH": os.pathsep.join(p for p in (str(paths.REPO_ROOT),
                                                   env.get("PYTHONPATH")) if p),
         "PYTHONUNBUFFERED": "1",
+        OWN_PROCESS_GROUP_ENV: "1",
     })
     # A launcher this machine may itself run under must not be detected instead.
     for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_IP",
@@ -87,7 +97,8 @@ def run(command: Sequence[str], num_processes: int, devices_per_process: int = 4
         procs.append(subprocess.Popen(
             [sys.executable, *python_args, *command], cwd=cwd or paths.REPO_ROOT,
             env=penv, stdout=subprocess.PIPE if stream else logs[pid],
-            stderr=subprocess.STDOUT, text=True))
+            stderr=subprocess.STDOUT, text=True,
+            process_group=procs[0].pid if procs else 0))  # a new group, led by process 0
     threads = []
     if stream:
         def pump(pid: int, proc: subprocess.Popen) -> None:
@@ -102,17 +113,20 @@ def run(command: Sequence[str], num_processes: int, devices_per_process: int = 4
             thread.start()
     deadline = time.monotonic() + timeout
     first_failure = None
-    while any(p.poll() is None for p in procs):
-        now = time.monotonic()
-        failed = [p for p in procs if p.returncode not in (None, 0)]
-        if failed and first_failure is None:
-            first_failure = now
-        if now > deadline or (first_failure is not None and now - first_failure > grace_seconds):
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-            break
-        time.sleep(0.2)
+    try:
+        while any(p.poll() is None for p in procs):
+            now = time.monotonic()
+            failed = [p for p in procs if p.returncode not in (None, 0)]
+            if failed and first_failure is None:
+                first_failure = now
+            if now > deadline or (first_failure is not None
+                                  and now - first_failure > grace_seconds):
+                break
+            time.sleep(0.2)
+    finally:  # also on Ctrl-C: in a group of their own, the processes do not receive it
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     for p in procs:
         p.wait()
     for thread in threads:

@@ -448,10 +448,23 @@ def _kill_after_step() -> int | None:
 
 
 def _kill_self(ckpt: checkpointing.RunCheckpointer, step: int) -> None:
+    """SIGKILL after step N. Several processes first meet at a barrier (all finished step N and
+    its saves), and in a job that owns its process group (gemb.local_processes) process 0 kills
+    the whole group at once, as a preemption does; dying one by one, a process still inside a
+    collective with one that is already gone would fail with a connection error instead."""
     import signal
+
+    from gemb.local_processes import OWN_PROCESS_GROUP_ENV
 
     ckpt.wait()
     print(f"{_KILL_AFTER_STEP_ENV}={step}: killing this process (SIGKILL).", flush=True)
+    if jax.process_count() > 1:
+        distributed.sync_processes(f"{_KILL_AFTER_STEP_ENV}={step}")
+        if os.environ.get(OWN_PROCESS_GROUP_ENV) == "1":
+            if distributed.is_chief():
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+            while True:  # the other processes wait for process 0's kill of the group
+                time.sleep(60)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
