@@ -30,9 +30,9 @@ from gemb.train import checkpointing, data, optimizers, run, trainer
 
 log = logging.getLogger(__name__)
 
-# orbax saves from several threads of one process interfere (the CI run of 5616adf: two of three
-# threads failed with 'File exists' on their own staging folders or hung 300 s in orbax's futures),
-# so a process converts one model at a time; other processes are handled by the staging rename.
+# orbax saves from several threads of one process interfere (the CI run of 5616adf hung 300 s in
+# orbax's futures; locally threads failed with 'File exists' on their own staging folders), so a
+# process converts one model at a time; other jobs are handled by the staging rename.
 _CONVERSION_LOCK = threading.Lock()
 
 

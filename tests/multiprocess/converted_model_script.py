@@ -1,4 +1,4 @@
-"""Run by test_converted_model.py as one of several JAX processes of one job: every process asks
+"""Run by test_model_conversion.py as one of several JAX processes of one job: every process asks
 gin's converted_model() for the same folder, as each process of a job on one shared home does.
 Prints one JSON line: the folder it got and the process index."""
 
